@@ -1,0 +1,141 @@
+"""The host loop every algorithm uses: resume, run jitted chunks, log, evaluate, checkpoint.
+
+An algorithm provides a pure, jitted `train_chunk(state) -> (state, metrics)` that runs many
+updates in `lax.scan` (metrics: a dict of scalar arrays). The host touches the device once per
+chunk, to fetch those scalars. All randomness must come from the key inside `state`, so a run
+resumed from a checkpoint ends with exactly the numbers of an uninterrupted one.
+
+Per chunk: run it, fetch metrics, stop if any is not finite (the bad state is never saved),
+evaluate if due, log everything at the global step, then checkpoint if due. Logging before
+checkpointing means a checkpoint at step S implies everything up to S was logged; a resume
+from S drops whatever was logged after S (see `hrl.infra.metrics`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from typing import Any, Callable, Mapping
+
+import jax
+from tqdm.auto import tqdm
+
+from hrl.infra.checkpoint import Checkpointer
+from hrl.infra.config import check
+from hrl.infra.metrics import MetricsWriter
+from hrl.infra.rundir import RunDir
+
+State = Any
+Metrics = Mapping[str, Any]
+
+
+class NonFiniteMetricError(RuntimeError):
+    """Training produced a NaN or infinite metric; the message names it, the step and the last good checkpoint."""
+
+
+@dataclasses.dataclass
+class LoopConfig:
+    """How often the host loop checkpoints and evaluates (in chunks), and how it reports."""
+
+    checkpoint_every: int = 10  # chunks; the last chunk is always checkpointed
+    keep_checkpoints: int = 3  # newest checkpoints kept on disk
+    eval_every: int = 10  # chunks; 0 evaluates only after the last chunk
+    progress: bool = True  # tqdm progress bar on stderr
+
+    def validate(self) -> None:
+        check(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1", self.checkpoint_every)
+        check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1", self.keep_checkpoints)
+        check(self.eval_every >= 0, "eval_every", "must be >= 0", self.eval_every)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    state: State
+    step: int
+    summary: dict[str, Any]  # final metrics and timings, ready for `RunDir.mark_complete`
+
+
+def run_training(
+    run: RunDir,
+    initial_state: State,
+    train_chunk: Callable[[State], tuple[State, Metrics]],
+    num_chunks: int,
+    *,
+    steps_per_chunk: int = 1,
+    loop: LoopConfig = LoopConfig(),
+    evaluate: Callable[[State], Metrics] | None = None,
+    description: str = "train",
+) -> TrainResult:
+    """Run chunks up to `num_chunks`; the global step after chunk c is `(c + 1) * steps_per_chunk`.
+
+    Resumes from the newest checkpoint in `run` if there is one. Raises `NonFiniteMetricError`
+    on the first non-finite training metric.
+    """
+    final_step = num_chunks * steps_per_chunk
+    with Checkpointer(run.checkpoint_dir, keep_last=loop.keep_checkpoints) as checkpointer:
+        restored = checkpointer.restore_latest(initial_state)
+        start_step, state = restored if restored is not None else (0, initial_state)
+        summary = {"step": final_step, "resumed_from_step": start_step, "compile_s": 0.0, "run_s": 0.0}
+        chunks = range(start_step // steps_per_chunk, num_chunks)
+        with MetricsWriter(run.path, resume_step=start_step) as writer, _progress_bar(chunks, loop, description) as bar:
+            if chunks:
+                train_chunk, summary["compile_s"] = _compile(train_chunk, state)
+            for chunk in chunks:
+                step = (chunk + 1) * steps_per_chunk
+                is_last = chunk == chunks[-1]
+                start = time.perf_counter()
+                new_state, metrics = train_chunk(state)
+                values = _to_floats(metrics)  # the one host transfer per chunk; waits for the device
+                seconds = time.perf_counter() - start
+                summary["run_s"] += seconds
+                _stop_if_not_finite(values, step, checkpointer)
+                state = new_state
+                values.update({"time/chunk_s": seconds, "time/steps_per_s": steps_per_chunk / seconds})
+                if chunk == chunks[0]:
+                    values["time/compile_s"] = summary["compile_s"]
+                if evaluate is not None and (is_last or _is_due(chunk, loop.eval_every)):
+                    values.update({f"eval/{name}": value for name, value in _to_floats(evaluate(state)).items()})
+                writer.write(step, values)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in values.items() if not k.startswith("time/")}, refresh=False)
+                bar.update()
+                if is_last or _is_due(chunk, loop.checkpoint_every):
+                    checkpointer.save(step, state)
+            summary["metrics"] = dict(writer.latest)
+    return TrainResult(state=state, step=final_step, summary=summary)
+
+
+def _compile(train_chunk: Callable, state: State) -> tuple[Callable, float]:
+    """Compile ahead of time, so compile time is measured apart from steady-state run time."""
+    start = time.perf_counter()
+    compiled = train_chunk.lower(state).compile() if hasattr(train_chunk, "lower") else train_chunk
+    return compiled, time.perf_counter() - start
+
+
+def _to_floats(metrics: Metrics) -> dict[str, float]:
+    return {name: float(value) for name, value in jax.device_get(dict(metrics)).items()}
+
+
+def _is_due(chunk: int, every: int) -> bool:
+    return every > 0 and (chunk + 1) % every == 0
+
+
+def _stop_if_not_finite(values: Mapping[str, float], step: int, checkpointer: Checkpointer) -> None:
+    bad = {name: value for name, value in values.items() if not math.isfinite(value)}
+    if not bad:
+        return
+    last_good = checkpointer.latest_step()
+    kept = (f"last good checkpoint: step {last_good} in {checkpointer.directory}" if last_good is not None
+            else "no checkpoint was saved before it")
+    named = ", ".join(f"{name}={value}" for name, value in bad.items())
+    raise NonFiniteMetricError(f"non-finite metric at step {step}: {named}; stopped without saving that state; {kept}")
+
+
+def _progress_bar(chunks: range, loop: LoopConfig, description: str) -> tqdm:
+    # Without a terminal (a log file, CI), redraw rarely so the log is not flooded.
+    interactive = sys.stderr.isatty()
+    return tqdm(
+        total=chunks.stop, initial=chunks.start, desc=description, unit="chunk", disable=not loop.progress,
+        mininterval=0.1 if interactive else 30.0, dynamic_ncols=interactive, file=sys.stderr,
+    )

@@ -1,0 +1,88 @@
+"""Scalar metrics to `metrics.jsonl` and TensorBoard, consistent across kill-and-resume.
+
+Resuming from a checkpoint at step S re-runs every step after S, so whatever was logged after S
+before the kill must disappear:
+- metrics.jsonl is rewritten without the lines after S (and without a torn last line);
+- TensorBoard gets a `SessionLog(START)` event at step S + 1 in a fresh event file. TensorBoard's
+  Python reader (EventAccumulator) purges every event at a step >= S + 1 when it meets it, and the
+  Rust data server drops the later records of a series as soon as an earlier step arrives again,
+  so neither shows a step twice.
+TensorBoard files are written with tensorboard's own writer and protos: no TensorFlow needed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Mapping
+
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+from hrl.infra.rundir import METRICS_FILE
+
+
+class MetricsWriter:
+    """Appends `{"step", "wall_time", **metrics}` lines and TensorBoard scalars for one run."""
+
+    def __init__(self, run_path: str | Path, resume_step: int = 0):
+        """`resume_step`: the step the run restarts from; everything logged after it is dropped."""
+        self.run_path = Path(run_path)
+        self.latest: dict[str, float] = {}
+        self._jsonl_path = self.run_path / METRICS_FILE
+        self._keep_lines_up_to(resume_step)
+        self._events = EventFileWriter(str(self.run_path))
+        self._events.add_event(
+            event_pb2.Event(
+                wall_time=time.time(),
+                step=resume_step + 1,
+                session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START),
+            )
+        )
+        self._events.flush()
+
+    def write(self, step: int, metrics: Mapping[str, float]) -> None:
+        wall_time = time.time()
+        values = {name: float(value) for name, value in metrics.items()}
+        with self._jsonl_path.open("a") as jsonl:
+            jsonl.write(json.dumps({"step": step, "wall_time": wall_time, **values}) + "\n")
+        summary = summary_pb2.Summary(
+            value=[summary_pb2.Summary.Value(tag=name, simple_value=value) for name, value in values.items()]
+        )
+        self._events.add_event(event_pb2.Event(wall_time=wall_time, step=step, summary=summary))
+        self._events.flush()
+        self.latest.update(values)
+
+    def close(self) -> None:
+        self._events.close()
+
+    def __enter__(self) -> "MetricsWriter":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def _keep_lines_up_to(self, resume_step: int) -> None:
+        """Rewrite metrics.jsonl with the lines at steps <= resume_step, remembering their values."""
+        if not self._jsonl_path.exists():
+            return
+        kept = []
+        for line in self._jsonl_path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # the torn last line of a killed run
+                continue
+            if record["step"] <= resume_step:
+                kept.append(line)
+                self.latest.update({k: v for k, v in record.items() if k not in ("step", "wall_time")})
+        temporary = self._jsonl_path.with_name(METRICS_FILE + ".tmp")
+        temporary.write_text("".join(line + "\n" for line in kept))
+        os.replace(temporary, self._jsonl_path)
+
+
+def read_metrics(run_path: str | Path) -> list[dict[str, float]]:
+    """Every record of a run's metrics.jsonl, in order."""
+    path = Path(run_path) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
