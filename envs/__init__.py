@@ -1,0 +1,35 @@
+"""JAX-native pinpad environments (pure functions, gymnax style) and their tools.
+
+`envs.make(name, **kwargs)` builds a registered environment; `envs.registered()` lists names.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from envs.base import Env
+
+_REGISTRY: dict[str, Callable[..., Env]] = {}
+
+
+def register(name: str, factory: Callable[..., Env]) -> None:
+    _REGISTRY[name] = factory
+
+
+def registered() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def make(name: str, **kwargs) -> Env:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown environment {name!r}; registered: {', '.join(registered())}")
+    return _REGISTRY[name](**kwargs)
+
+
+def _grid_pinpad(**kwargs) -> Env:
+    from envs.grid_pinpad import GridPinpad
+
+    return GridPinpad(**kwargs)
+
+
+register("GridPinpad-v0", _grid_pinpad)
