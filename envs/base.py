@@ -63,6 +63,11 @@ class Env(Generic[State, Params]):
         """The observation of a state (what reset and step return)."""
         raise NotImplementedError
 
+    def subgoal(self, state: State, params: Params) -> jax.Array:
+        """The ground-truth subgoal the agent is working on in `state` (for labels and analysis,
+        never a model input)."""
+        raise NotImplementedError
+
     @property
     def default_params(self) -> Params:
         raise NotImplementedError

@@ -11,9 +11,14 @@
   `horizon` = 100 steps.
 - Observation: 637 = 49 cells x 13 channels of {0, 1} (uint8), cell-major (row, column, channel):
   channels 0..3 one wall each, 4..11 colours 0..7, 12 the agent. No task, no visited flags.
-- Layouts are uniform and not filtered: some layouts make a task impossible (a colour walled in by
-  walls and other colours). `envs.experts.task_is_solvable` tells which; the expert datasets keep
-  only solvable episodes and evaluations report success over all layouts (see hrl.data.expert).
+- Unsolvable layouts (DECIDE): uniform layouts often make the task impossible: a colour walled in
+  by walls and other colours, or shortest legs adding up to more than the horizon. We measured
+  (20,000 layouts, `tests/test_grid_pinpad.py` checks the order of magnitude) about 14% of
+  layouts unsolvable for a drawn pretraining task and about 20% for the post-training task.
+  `GridPinpad()` draws layouts uniformly, as the paper states; `GridPinpad(solvable_only=True)`
+  redraws at reset until a task still alive can be completed within the horizon
+  (`task_is_solvable`). Expert data and the RL presets use `solvable_only=True`, so that success
+  rates are out of 100% and the shortest-path expert solves every episode.
 - In the JAX functions an out-of-range action is clamped (JAX indexing); the gymnasium adapter
   refuses it with an error instead.
 """
@@ -37,6 +42,8 @@ NUM_CHANNELS = NUM_WALLS + NUM_COLOURS + 1
 OBS_DIM = NUM_CELLS * NUM_CHANNELS
 MAX_TASK_LEN = 12  # the post-training task's 12 colours
 # (row, column) change of each action: up, right, down, left.
+UNREACHABLE = NUM_CELLS  # longer than any path on the grid
+IMPOSSIBLE = 1 << 20  # more steps than any horizon
 MOVES = jnp.array([[-1, 0], [0, 1], [1, 0], [0, -1]], jnp.int32)
 
 
@@ -54,10 +61,11 @@ class GridState:
 class GridPinpad(Env[GridState, pinpad.PinpadParams]):
     name = "GridPinpad-v0"
 
-    def __init__(self, horizon: int = 100):
+    def __init__(self, horizon: int = 100, solvable_only: bool = False):
         if horizon < 1:
             raise ValueError(f"horizon must be >= 1, got {horizon}")
         self.horizon = horizon
+        self.solvable_only = solvable_only
 
     # --- params
     def task_params(self, tasks: Sequence[str], ids: Sequence[int], any_task: bool = False):
@@ -98,6 +106,22 @@ class GridPinpad(Env[GridState, pinpad.PinpadParams]):
 
     # --- dynamics
     def reset(self, key: jax.Array, params: pinpad.PinpadParams) -> tuple[jax.Array, GridState]:
+        if not self.solvable_only:
+            return self._draw(key, params)
+
+        # Redraw (keys folded from `key`) until a task still alive can be done within the horizon.
+        def unsolvable(carry):
+            _, (_, state) = carry
+            return ~task_is_solvable(state, params, self.horizon)
+
+        def redraw(carry):
+            attempt, _ = carry
+            return attempt + 1, self._draw(jax.random.fold_in(key, attempt + 1), params)
+
+        _, (obs, state) = jax.lax.while_loop(unsolvable, redraw, (0, self._draw(key, params)))
+        return obs, state
+
+    def _draw(self, key: jax.Array, params: pinpad.PinpadParams) -> tuple[jax.Array, GridState]:
         draws = jax.random.uniform(key, (2 + NUM_COLOURS + NUM_WALLS,))
         cells = distinct_cells(draws[1:])
         task, alive = pinpad.sample_task(draws[0], params)
@@ -114,6 +138,9 @@ class GridPinpad(Env[GridState, pinpad.PinpadParams]):
 
     def observe(self, state: GridState, params: pinpad.PinpadParams) -> jax.Array:
         return observe(state)
+
+    def subgoal(self, state: GridState, params: pinpad.PinpadParams) -> jax.Array:
+        return current_subgoal(state, params)
 
     def step(self, key, state: GridState, action, params: pinpad.PinpadParams):
         del key  # the grid is deterministic
@@ -185,3 +212,65 @@ def info(state: GridState, params: pinpad.PinpadParams, success: jax.Array) -> d
         "progress": state.progress,
         "task_id": params.tasks.ids[task],
     }
+
+
+# --- geometry: shortest paths and solvability
+
+def distances_to(target: jax.Array, blocked: jax.Array) -> jax.Array:
+    """Moves from every cell to `target` (a cell index) through unblocked cells; UNREACHABLE where
+    there is no path. `blocked` [49] bool; the target itself counts as free."""
+    free = (~blocked).reshape(SIZE, SIZE) | (jnp.arange(NUM_CELLS) == target).reshape(SIZE, SIZE)
+    start = jnp.where(jnp.arange(NUM_CELLS) == target, 0, UNREACHABLE).reshape(SIZE, SIZE)
+
+    def relax(dist):
+        padded = jnp.pad(dist, 1, constant_values=UNREACHABLE)
+        neighbours = jnp.minimum(
+            jnp.minimum(padded[:-2, 1:-1], padded[2:, 1:-1]), jnp.minimum(padded[1:-1, :-2], padded[1:-1, 2:])
+        )
+        return jnp.where(free, jnp.minimum(dist, neighbours + 1), UNREACHABLE)
+
+    def changed(pair):
+        old, new = pair
+        return jnp.any(old != new)
+
+    _, dist = jax.lax.while_loop(changed, lambda pair: (pair[1], relax(pair[1])), (start, relax(start)))
+    return jnp.minimum(dist, UNREACHABLE).reshape(NUM_CELLS)
+
+
+def obstacles(state: GridState, target_colour: jax.Array, also_free: jax.Array = -1) -> jax.Array:
+    """[49] bool: walls and every colour but the target (and but the cell `also_free`)."""
+    cells = jnp.arange(NUM_CELLS)
+    walls = jnp.any(cells[:, None] == state.wall_cells[None, :], axis=1)
+    other_colour = (jnp.arange(state.colour_cells.shape[0]) != target_colour)[None, :]
+    colours = jnp.any((cells[:, None] == state.colour_cells[None, :]) & other_colour, axis=1)
+    return (walls | colours) & (cells != also_free)
+
+
+def task_steps_needed(state: GridState, tasks: pinpad.TaskSet, task: jax.Array) -> jax.Array:
+    """The fewest steps that complete task `task` of the set from this state (IMPOSSIBLE or more
+    if it cannot be done). Every leg starts on the previous colour's cell whatever the path, so this is
+    the sum of the legs' shortest paths, each avoiding walls and the other colours."""
+    colours = tasks.colours[task]
+
+    def leg_steps(k):
+        colour = colours[k]
+        source = jnp.where(k == state.progress, state.agent, state.colour_cells[colours[jnp.maximum(k - 1, 0)]])
+        dist = distances_to(state.colour_cells[colour], obstacles(state, colour, also_free=source))
+        needed = (k >= state.progress) & (colour >= 0)
+        return jnp.where(needed, jnp.where(dist[source] < UNREACHABLE, dist[source], IMPOSSIBLE), 0)
+
+    return jnp.sum(jax.vmap(leg_steps)(jnp.arange(colours.shape[0])))
+
+
+def task_is_solvable(state: GridState, params: pinpad.PinpadParams, horizon: int) -> jax.Array:
+    """Whether a task still alive can be completed within the horizon (a shortest-path agent does).
+    Only the drawn task is checked unless params.any_task (the branch is real when params are not
+    batched, which saves checking 16 tasks)."""
+
+    def doable(task):
+        return task_steps_needed(state, params.tasks, task) <= horizon - state.t
+
+    def any_alive_doable():
+        return jnp.any(state.alive & jax.vmap(doable)(jnp.arange(params.tasks.size)))
+
+    return jax.lax.cond(params.any_task, any_alive_doable, lambda: state.alive[state.task] & doable(state.task))
