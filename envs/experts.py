@@ -40,6 +40,7 @@ def shortest_path_action(
         return jax.random.categorical(k, jnp.where(allowed, 0.0, -jnp.inf))
 
     noisy = ~reachable | (jax.random.uniform(key_noise) < epsilon)
+    safe = jnp.where(jnp.any(safe), safe, True)  # boxed in by wrong colours: every move fails
     action = jnp.where(noisy, uniform_among(key_random, safe), uniform_among(key_optimal, optimal))
     return action.astype(jnp.int32), reachable
 

@@ -1,0 +1,101 @@
+"""The shortest-path expert: optimal, uniform among optimal moves, safe when noisy, and it solves
+every solvable layout of every task."""
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from envs import pinpad
+from envs.experts import shortest_path_action
+from envs.grid_pinpad import GridPinpad, GridState, task_is_solvable
+
+KEY = jax.random.key(1)
+
+
+def run_expert(env, params, keys, epsilon=0.0):
+    """Per episode: (solvable at reset, success, failure, length)."""
+    return [np.asarray(x) for x in _run_expert(env, params, keys, epsilon)]
+
+
+@partial(jax.jit, static_argnums=0)
+def _run_expert(env, params, keys, epsilon):
+    def episode(key):
+        key_reset, key_steps = jax.random.split(key)
+        _, state = env.reset(key_reset, params)
+        solvable = task_is_solvable(state, params, env.horizon)
+
+        def body(carry, k):
+            state, done, success, failure, length = carry
+            action, _ = shortest_path_action(k, state, params, epsilon)
+            _, new, _, terminated, truncated, info = env.step(k, state, action, params)
+            state = jax.tree.map(lambda old, n: jnp.where(done, old, n), state, new)
+            success = success | (~done & info["success"])
+            failure = failure | (~done & terminated & ~info["success"])
+            return (state, done | terminated | truncated, success, failure, length + ~done), None
+
+        init = (state, False, False, False, 0)
+        (_, _, success, failure, length), _ = jax.lax.scan(body, init, jax.random.split(key_steps, env.horizon))
+        return solvable, success, failure, length
+
+    return jax.vmap(episode)(keys)
+
+
+ENV = GridPinpad()
+
+
+@pytest.mark.parametrize("task", list(pinpad.GRID_PRETRAIN_TASKS) + [pinpad.GRID_POSTTRAIN_TASK])
+def test_expert_solves_exactly_the_solvable_layouts(task):
+    env = ENV  # one environment object: one compilation for every task
+    params = env.task_params([task], [0])
+    solvable, success, failure, _ = run_expert(env, params, jax.random.split(KEY, 300))
+    assert solvable.mean() > 0.5  # the check is not vacuous
+    np.testing.assert_array_equal(success, solvable)
+    # Never a wrong colour where there is a way, even in layouts it cannot finish (unless boxed in).
+    assert not failure[solvable].any()
+    assert failure.mean() < 0.05
+
+
+def test_noisy_expert_never_steps_on_a_wrong_colour():
+    env = GridPinpad(solvable_only=True)
+    solvable, success, failure, length = run_expert(env, env.pretrain_params(), jax.random.split(KEY, 300), epsilon=1.0)
+    assert not failure.any()
+    clean = run_expert(env, env.pretrain_params(), jax.random.split(KEY, 300))
+    assert length.mean() > clean[3].mean()  # random moves take longer than shortest paths
+
+
+def layout_state(params, agent, target_cell):
+    """Agent and colour 0 (the target) placed by hand; other colours and walls in the bottom row."""
+    colours = [target_cell] + [42 + i for i in range(7)]
+    return GridState(
+        agent=jnp.int32(agent),
+        colour_cells=jnp.asarray(colours, jnp.int32),
+        wall_cells=jnp.asarray([35, 36, 37, 38], jnp.int32),
+        task=jnp.int32(0),
+        alive=jnp.array([True]),
+        progress=jnp.int32(0),
+        t=jnp.int32(0),
+    )
+
+
+def test_expert_is_uniform_among_optimal_moves():
+    env = GridPinpad()
+    params = env.task_params(["A-B-C"], [0])
+    state = layout_state(params, agent=8, target_cell=16)  # (1,1) -> (2,2): down or right
+    actions, reachable = jax.vmap(lambda k: shortest_path_action(k, state, params))(jax.random.split(KEY, 4000))
+    counts = np.bincount(np.asarray(actions), minlength=4)
+    assert counts[0] == counts[3] == 0
+    assert 1800 < counts[1] < 2200 and 1800 < counts[2] < 2200
+    assert bool(jnp.all(reachable))
+
+
+def test_expert_reports_an_unreachable_target():
+    env = GridPinpad()
+    params = env.task_params(["A-B-C"], [0])
+    state = layout_state(params, agent=8, target_cell=0)  # corner (0,0) ...
+    state = state.replace(wall_cells=jnp.asarray([1, 7, 36, 37], jnp.int32))  # ... walled in
+    _, reachable = shortest_path_action(KEY, state, params)
+    assert not bool(reachable)
+    assert not bool(task_is_solvable(state, params, env.horizon))
