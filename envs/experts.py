@@ -11,6 +11,8 @@ random safe moves (`shortest_path_action` reports `reachable=False`).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -45,8 +47,10 @@ def shortest_path_action(
     return action.astype(jnp.int32), reachable
 
 
+@functools.lru_cache(maxsize=None)
 def make_expert(env, epsilon: float = 0.0):
-    """The expert of a registered environment as `(key, state, params) -> action`."""
+    """The expert of a registered environment as `(key, state, params) -> action`. Cached, so that
+    jitted functions taking it as a static argument compile once per (env, epsilon)."""
     if env.name == "GridPinpad-v0":
         return lambda key, state, params: shortest_path_action(key, state, params, epsilon)[0]
     raise ValueError(f"no expert for environment {env.name!r}")

@@ -35,10 +35,10 @@ def test_same_key_same_dataset(clean):
 
 def test_replaying_the_actions_reproduces_observations_and_labels(clean):
     """The recorded observations, subgoal labels and success follow from the actions."""
-    step, subgoal = jax.jit(ENV.step), jax.jit(ENV.subgoal)
+    reset, step, subgoal = jax.jit(ENV.reset), jax.jit(ENV.step), jax.jit(ENV.subgoal)
     for i in range(4):
         key = jax.random.split(jax.random.fold_in(jax.random.key(0), 0), 32)[i]
-        obs, state = ENV.reset(jax.random.split(key)[0], PARAMS)
+        obs, state = reset(jax.random.split(key)[0], PARAMS)
         for t in range(int(clean.lengths[i])):
             np.testing.assert_array_equal(obs, clean.obs[i, t])
             assert int(subgoal(state, PARAMS)) == clean.subgoals[i, t]

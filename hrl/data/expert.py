@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -90,13 +91,17 @@ def rollout_expert(env: Env, params, expert: Expert, key: jax.Array) -> Dataset:
     return Dataset(obs, actions, mask, subgoals, task_id, jnp.sum(mask, dtype=jnp.int32), success)
 
 
+@partial(jax.jit, static_argnums=(0, 2))
+def _rollout_batch(env: Env, params, expert: Expert, keys: jax.Array) -> Dataset:
+    return jax.vmap(lambda key: rollout_expert(env, params, expert, key))(keys)
+
+
 def collect(env: Env, params, expert: Expert, key: jax.Array, num_episodes: int, episodes_per_batch: int) -> Dataset:
     """`num_episodes` expert episodes as host (numpy) arrays, generated in jitted batches."""
-    batch = jax.jit(jax.vmap(lambda k: rollout_expert(env, params, expert, k)))
     parts = []
     for b in range(math.ceil(num_episodes / episodes_per_batch)):
         keys = jax.random.split(jax.random.fold_in(key, b), episodes_per_batch)
-        parts.append(jax.tree.map(np.asarray, batch(keys)))
+        parts.append(jax.tree.map(np.asarray, _rollout_batch(env, params, expert, keys)))
     return jax.tree.map(lambda *xs: np.concatenate(xs)[:num_episodes], *parts)
 
 
