@@ -1,0 +1,201 @@
+"""The base autoregressive policy: a causal transformer with an open residual stream.
+
+One token per time step, embedded from the observation o_t alone. The previous action is not
+embedded (DECIDE): in the pinpad worlds it is visible in the change between consecutive
+observations, and leaving it out removes the shortcut of copying the last action, which would
+make the residual stream less about where the agent is going.
+
+Pre-norm blocks (attention with a learned relative-position bias, then a ReLU MLP). The residual
+stream e_l is the activation after block l (e_0 is the embedding). Heads read the normalised
+last residual: action logits (categorical) and next-observation logits (independent Bernoulli
+bits; the grid's observation is binary).
+
+The stream can be opened at layer l:
+- `lower(obs, l)` runs the embedding and blocks 1..l and returns e_l;
+- `upper(e_l, l)` runs blocks l+1..L and the heads;
+- `__call__(obs, intervention=f, layer=l)` does both with e_l <- f(e_l) in between, and returns
+  every residual (for probes).
+For rollouts, `init_cache` and `step` decode one time step at a time with a key/value cache,
+giving the same outputs as the full forward pass (tested).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Intervention = Callable[[jax.Array], jax.Array]
+
+
+@dataclasses.dataclass
+class TransformerConfig:
+    """Paper grid model: 6 blocks, width 256, 4 heads of 64, MLP 512, 32 relative-position
+    buckets, initialiser variance scale 0.1."""
+
+    num_layers: int = 6
+    width: int = 256
+    num_heads: int = 4
+    mlp_width: int = 512
+    relpos_buckets: int = 32
+    relpos_max_distance: int = 128  # distances beyond share the last bucket
+    init_scale: float = 0.1  # variance scale of every kernel initialiser
+    max_len: int = 100  # longest sequence the cache holds (the horizon)
+
+    def validate(self) -> None:
+        for name in ("num_layers", "width", "num_heads", "mlp_width", "relpos_buckets", "max_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.width % self.num_heads:
+            raise ValueError(f"num_heads: must divide width={self.width}, got {self.num_heads}")
+        if self.init_scale <= 0:
+            raise ValueError(f"init_scale: must be > 0, got {self.init_scale}")
+
+
+class Output(NamedTuple):
+    action_logits: jax.Array  # [..., num_actions]
+    obs_logits: jax.Array  # [..., obs_dim], the next observation's bits
+    residuals: jax.Array | None = None  # [L + 1, ..., width]: e_0 .. e_L (full forward only)
+
+
+def relative_position_bucket(distance: jax.Array, num_buckets: int, max_distance: int) -> jax.Array:
+    """Bucket of how far back a key is (distance = query - key >= 0): exact for the nearest half
+    of the buckets, logarithmic beyond, as in T5's causal variant."""
+    exact = num_buckets // 2
+    log_scaled = exact + (
+        jnp.log(jnp.maximum(distance, 1) / exact) / math.log(max_distance / exact) * (num_buckets - exact)
+    ).astype(jnp.int32)
+    return jnp.where(distance < exact, distance, jnp.minimum(log_scaled, num_buckets - 1))
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: TransformerConfig, init, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.qkv = nnx.Linear(cfg.width, 3 * cfg.width, kernel_init=init, rngs=rngs)
+        self.out = nnx.Linear(cfg.width, cfg.width, kernel_init=init, rngs=rngs)
+        self.relpos_bias = nnx.Param(jnp.zeros((cfg.relpos_buckets, cfg.num_heads)))
+
+    def heads(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """[..., T, width] -> q, k, v each [..., T, heads, head_dim]."""
+        q, k, v = jnp.split(self.qkv(x), 3, axis=-1)
+        shape = x.shape[:-1] + (self.cfg.num_heads, self.cfg.width // self.cfg.num_heads)
+        return q.reshape(shape), k.reshape(shape), v.reshape(shape)
+
+    def attend(self, q, k, v, q_pos, k_pos) -> jax.Array:
+        """Queries at positions q_pos attend to keys at k_pos <= q_pos."""
+        distance = q_pos[:, None] - k_pos[None, :]
+        bucket = relative_position_bucket(distance, self.cfg.relpos_buckets, self.cfg.relpos_max_distance)
+        bias = jnp.moveaxis(self.relpos_bias[...][bucket], -1, 0)  # [heads, Tq, Tk]
+        logits = jnp.einsum("...qhd,...khd->...hqk", q, k) / math.sqrt(q.shape[-1]) + bias
+        logits = jnp.where(distance >= 0, logits, -jnp.inf)
+        weights = jax.nn.softmax(logits, axis=-1)
+        mixed = jnp.einsum("...hqk,...khd->...qhd", weights, v)
+        return self.out(mixed.reshape(mixed.shape[:-2] + (self.cfg.width,)))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        positions = jnp.arange(x.shape[-2])
+        return self.attend(*self.heads(x), positions, positions)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: TransformerConfig, init, rngs: nnx.Rngs):
+        self.attention_norm = nnx.LayerNorm(cfg.width, rngs=rngs)
+        self.attention = Attention(cfg, init, rngs)
+        self.mlp_norm = nnx.LayerNorm(cfg.width, rngs=rngs)
+        self.mlp_in = nnx.Linear(cfg.width, cfg.mlp_width, kernel_init=init, rngs=rngs)
+        self.mlp_out = nnx.Linear(cfg.mlp_width, cfg.width, kernel_init=init, rngs=rngs)
+
+    def mlp(self, x: jax.Array) -> jax.Array:
+        return x + self.mlp_out(jax.nn.relu(self.mlp_in(self.mlp_norm(x))))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.mlp(x + self.attention(self.attention_norm(x)))
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: TransformerConfig, obs_dim: int, num_actions: int, *, rngs: nnx.Rngs):
+        cfg.validate()
+        init = nnx.initializers.variance_scaling(cfg.init_scale, "fan_in", "truncated_normal")
+        self.cfg = cfg
+        self.embed = nnx.Linear(obs_dim, cfg.width, kernel_init=init, rngs=rngs)
+        self.blocks = nnx.List([Block(cfg, init, rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = nnx.LayerNorm(cfg.width, rngs=rngs)
+        self.action_head = nnx.Linear(cfg.width, num_actions, kernel_init=init, rngs=rngs)
+        self.obs_head = nnx.Linear(cfg.width, obs_dim, kernel_init=init, rngs=rngs)
+
+    @property
+    def num_layers(self) -> int:
+        return self.cfg.num_layers
+
+    def heads(self, e_last: jax.Array) -> Output:
+        x = self.final_norm(e_last)
+        return Output(self.action_head(x), self.obs_head(x))
+
+    def lower(self, obs: jax.Array, layer: int) -> jax.Array:
+        """obs [..., T, obs_dim] -> e_layer [..., T, width]."""
+        e = self.embed(obs.astype(jnp.float32))
+        for block in self.blocks[:layer]:
+            e = block(e)
+        return e
+
+    def upper(self, e: jax.Array, layer: int) -> Output:
+        """e_layer [..., T, width] -> the heads' outputs."""
+        for block in self.blocks[layer:]:
+            e = block(e)
+        return self.heads(e)
+
+    def __call__(self, obs: jax.Array, intervention: Intervention | None = None, layer: int | None = None) -> Output:
+        """Full causal forward over obs [..., T, obs_dim]; e_layer <- intervention(e_layer) if
+        given. Returns the heads and every residual e_0 .. e_L."""
+        if intervention is not None and layer is None:
+            raise ValueError("an intervention needs the layer it acts on")
+        e = self.embed(obs.astype(jnp.float32))
+        residuals = []
+        for index in range(self.num_layers + 1):
+            if index == layer and intervention is not None:
+                e = intervention(e)
+            residuals.append(e)
+            if index < self.num_layers:
+                e = self.blocks[index](e)
+        return self.heads(e)._replace(residuals=jnp.stack(residuals))
+
+    # --- incremental decoding
+
+    def init_cache(self, batch_shape: tuple[int, ...] = ()) -> dict[str, jax.Array]:
+        """Empty key/value cache for `max_len` steps: k, v [*batch, L, max_len, heads, head_dim]
+        (batch first, so that `step` vmaps with in_axes=0)."""
+        head_dim = self.cfg.width // self.cfg.num_heads
+        shape = (*batch_shape, self.num_layers, self.cfg.max_len, self.cfg.num_heads, head_dim)
+        return {"k": jnp.zeros(shape), "v": jnp.zeros(shape), "t": jnp.zeros(batch_shape, jnp.int32)}
+
+    def step(
+        self, cache: dict[str, jax.Array], obs: jax.Array, intervention: Intervention | None = None, layer: int | None = None
+    ) -> tuple[Output, dict[str, jax.Array], jax.Array]:
+        """One time step: obs [obs_dim] (vmap for batches) at position cache["t"].
+
+        Returns (heads' outputs, the updated cache, e_layer after the intervention; e_L if no layer).
+        """
+        t = cache["t"]
+        k_cache, v_cache = cache["k"], cache["v"]
+        e = self.embed(obs.astype(jnp.float32))[None]  # a sequence of one token
+        e_at_layer = e
+        for index in range(self.num_layers + 1):
+            if index == layer:
+                e = intervention(e) if intervention is not None else e
+                e_at_layer = e
+            if index == self.num_layers:
+                break
+            block = self.blocks[index]
+            q, k, v = block.attention.heads(block.attention_norm(e))
+            k_cache = k_cache.at[index, t].set(k[0])
+            v_cache = v_cache.at[index, t].set(v[0])
+            positions = jnp.arange(self.cfg.max_len)
+            attended = block.attention.attend(q, k_cache[index], v_cache[index], t[None], positions)
+            e = block.mlp(e + attended)
+        if layer is None:
+            e_at_layer = e
+        return self.heads(e[0]), {"k": k_cache, "v": v_cache, "t": t + 1}, e_at_layer[0]
