@@ -1,0 +1,83 @@
+"""The base transformer: causal, cached decoding equals the full pass, zero interventions are exact."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from hrl.models.transformer import Transformer, TransformerConfig, relative_position_bucket
+
+CFG = TransformerConfig(num_layers=3, width=32, num_heads=4, mlp_width=64, max_len=16)
+OBS_DIM = 637
+
+
+@pytest.fixture(scope="module")
+def model():
+    return Transformer(CFG, OBS_DIM, 4, rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def obs():
+    return (jax.random.uniform(jax.random.key(1), (3, 16, OBS_DIM)) < 0.02).astype(jnp.uint8)
+
+
+def test_shapes(model, obs):
+    out = model(obs)
+    assert out.action_logits.shape == (3, 16, 4)
+    assert out.obs_logits.shape == (3, 16, OBS_DIM)
+    assert out.residuals.shape == (CFG.num_layers + 1, 3, 16, CFG.width)
+
+
+def test_outputs_at_t_do_not_depend_on_the_future(model, obs):
+    changed = obs.at[:, 10:].set(1 - obs[:, 10:])
+    a, b = model(obs), model(changed)
+    np.testing.assert_array_equal(a.action_logits[:, :10], b.action_logits[:, :10])
+    assert not np.allclose(a.action_logits[:, 10:], b.action_logits[:, 10:])
+
+
+def test_cached_decoding_equals_the_full_forward_pass(model, obs):
+    intervention = lambda e: e * 1.5  # noqa: E731  (also checks the intervention path)
+    full = model(obs, intervention=intervention, layer=2)
+    step = jax.jit(jax.vmap(lambda cache, o: model.step(cache, o, intervention, layer=2)))
+    cache = model.init_cache((3,))
+    action_logits, obs_logits, residuals = [], [], []
+    for t in range(16):
+        out, cache, e = step(cache, obs[:, t])
+        action_logits.append(out.action_logits)
+        obs_logits.append(out.obs_logits)
+        residuals.append(e)
+    np.testing.assert_allclose(jnp.stack(action_logits, 1), full.action_logits, atol=1e-5)
+    np.testing.assert_allclose(jnp.stack(obs_logits, 1), full.obs_logits, atol=1e-5)
+    np.testing.assert_allclose(jnp.stack(residuals, 1), full.residuals[2], atol=1e-5)
+    assert int(cache["t"][0]) == 16
+
+
+def test_zero_intervention_is_bitwise_the_base_model(model, obs):
+    base = model(obs)
+    zero_controller = jnp.zeros((CFG.width, CFG.width))
+    for layer in range(CFG.num_layers + 1):
+        steered = model(obs, intervention=lambda e: e + e @ zero_controller, layer=layer)
+        np.testing.assert_array_equal(steered.action_logits, base.action_logits)
+        np.testing.assert_array_equal(steered.obs_logits, base.obs_logits)
+
+
+def test_lower_then_upper_equals_the_full_pass(model, obs):
+    full = model(obs)
+    e = model.lower(obs, 2)
+    np.testing.assert_array_equal(e, full.residuals[2])
+    np.testing.assert_allclose(model.upper(e, 2).action_logits, full.action_logits, atol=1e-6)
+
+
+def test_relative_position_buckets():
+    distance = jnp.arange(300)
+    buckets = relative_position_bucket(distance, 32, 128)
+    np.testing.assert_array_equal(buckets[:16], np.arange(16))  # exact near
+    assert bool(jnp.all(jnp.diff(buckets) >= 0)) and int(buckets.max()) == 31
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="num_heads"):
+        TransformerConfig(width=30, num_heads=4).validate()
+    with pytest.raises(ValueError, match="init_scale"):
+        TransformerConfig(init_scale=0).validate()
