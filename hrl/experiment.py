@@ -1,0 +1,147 @@
+"""The experiment-wide config schema and what each stage of the pipeline depends on.
+
+One YAML preset (configs/<env>/<preset>.yaml) fills this schema; each algorithm keeps its own
+section's dataclass in its own file. A stage's run directory records only the sections its
+outputs depend on (`stage_config`), so changing `bc.learning_rate` leaves the collected data
+valid, while changing `collect.num_episodes` makes a stale BC run refuse to resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from pathlib import Path
+from typing import Any
+
+import jax
+
+import envs
+from envs.experts import make_expert
+from hrl.algos import bc
+from hrl.algos.bc import BCConfig
+from hrl.data import expert
+from hrl.data.expert import CollectConfig
+from hrl.infra.config import check
+from hrl.infra.loop import LoopConfig, run_training
+from hrl.infra.rundir import RunDir
+
+
+@dataclasses.dataclass
+class RunConfig:
+    experiment: str = "gridworld_quick"  # runs/<experiment>/<stage>/seed_<k>/
+    seed: int = 0  # the root of every key of every stage
+
+    def validate(self) -> None:
+        check(bool(self.experiment) and "/" not in self.experiment, "experiment",
+              "must be a non-empty name without '/'", self.experiment)
+        check(self.seed >= 0, "seed", "must be >= 0", self.seed)
+
+
+@dataclasses.dataclass
+class EnvConfig:
+    name: str = "GridPinpad-v0"  # a name registered in `envs`
+    horizon: int = 100  # steps before truncation (paper: 100)
+    solvable_only: bool = True  # redraw layouts in which the task cannot be completed
+
+    def validate(self) -> None:
+        check(self.name in envs.registered(), "name", f"must be one of {envs.registered()}", self.name)
+        check(self.horizon >= 1, "horizon", "must be >= 1", self.horizon)
+
+    def make(self) -> envs.Env:
+        return envs.make(self.name, horizon=self.horizon, solvable_only=self.solvable_only)
+
+
+@dataclasses.dataclass
+class ExperimentConfig:
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    env: EnvConfig = dataclasses.field(default_factory=EnvConfig)
+    collect: CollectConfig = dataclasses.field(default_factory=CollectConfig)
+    bc: BCConfig = dataclasses.field(default_factory=BCConfig)
+    loop: LoopConfig = dataclasses.field(default_factory=LoopConfig)
+
+    def validate(self) -> None:
+        num_tasks = self.env.make().pretrain_params().tasks.size
+        check(self.bc.eval_task < num_tasks, "bc.eval_task", f"must be < {num_tasks} (pretraining tasks)",
+              self.bc.eval_task)
+
+
+# The config sections each stage's outputs depend on, upstream stages' sections included.
+STAGE_SECTIONS = {
+    "collect": ("env", "collect"),
+    "bc": ("env", "collect", "bc", "loop"),
+}
+
+
+def stage_config(config: ExperimentConfig, stage: str) -> dict[str, Any]:
+    """What a stage's run directory records and compares on resume."""
+    return {"seed": config.run.seed, **{name: getattr(config, name) for name in STAGE_SECTIONS[stage]}}
+
+
+def stage_key(config: ExperimentConfig, stage: str) -> jax.Array:
+    """An independent key per stage, from the seed: a stage's randomness ignores other stages' settings."""
+    return jax.random.fold_in(jax.random.key(config.run.seed), zlib.crc32(stage.encode()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages. Each opens its run directory (refusing a different config), skips itself when complete,
+# and reads upstream outputs from upstream run directories, running an incomplete upstream first.
+
+EXPERT_DATA = "expert.npz"  # D: the (optionally noisy) expert data for pretraining
+EXPERT_DATA_CLEAN = "expert_clean.npz"  # D*: the clean expert data
+
+
+def stage_run_dir(config: ExperimentConfig, runs_dir: str | Path, stage: str, overwrite: bool = False) -> RunDir:
+    path = RunDir.path_for(runs_dir, config.run.experiment, stage, config.run.seed)
+    return RunDir.open(path, stage_config(config, stage), overwrite=overwrite)
+
+
+def run_collect(config: ExperimentConfig, runs_dir: str | Path, overwrite: bool = False) -> RunDir:
+    """Generate D and D* on the pretraining tasks into the collect stage's run directory."""
+    run = stage_run_dir(config, runs_dir, "collect", overwrite)
+    if run.is_complete:
+        print(f"collect: complete, skipped ({run.path})")
+        return run
+    env = config.env.make()
+    params = env.pretrain_params()
+    noisy_key, clean_key = jax.random.split(stage_key(config, "collect"))
+    cfg = config.collect
+    datasets = {
+        EXPERT_DATA: expert.collect(env, params, make_expert(env, cfg.epsilon), noisy_key,
+                                    cfg.num_episodes, cfg.episodes_per_batch),
+        EXPERT_DATA_CLEAN: expert.collect(env, params, make_expert(env, 0.0), clean_key,
+                                          cfg.num_episodes_clean, cfg.episodes_per_batch),
+    }
+    summary = {}
+    for filename, dataset in datasets.items():
+        expert.save_dataset(dataset, run.path / filename)
+        summary[filename] = {"episodes": int(dataset.num_episodes), "steps": int(dataset.mask.sum()),
+                             "expert_success_rate": float(dataset.success.mean())}
+    run.mark_complete(summary)
+    print(f"collect: done ({run.path}): {summary}")
+    return run
+
+
+def run_bc(config: ExperimentConfig, runs_dir: str | Path, overwrite: bool = False) -> RunDir:
+    """Behaviour cloning on D, resuming from the latest checkpoint of an interrupted run."""
+    run = stage_run_dir(config, runs_dir, "bc", overwrite)
+    if run.is_complete:
+        print(f"bc: complete, skipped ({run.path})")
+        return run
+    dataset = expert.load_dataset(run_collect(config, runs_dir).path / EXPERT_DATA)
+    env = config.env.make()
+    init_key, eval_key = jax.random.split(stage_key(config, "bc"))
+    cfg = config.bc
+    result = run_training(
+        run,
+        bc.init(init_key, cfg, obs_dim=env.observation_space.shape[0], num_actions=env.action_space.n),
+        bc.make_train_chunk(cfg, dataset),
+        cfg.num_chunks,
+        steps_per_chunk=cfg.updates_per_chunk,
+        loop=config.loop,
+        evaluate=bc.make_evaluate(cfg, env, env.fixed_task_params(cfg.eval_task), eval_key),
+        description="bc",
+    )
+    run.mark_complete(result.summary)
+    print(f"bc: done ({run.path}): " + ", ".join(f"{k}={v:.4g}" for k, v in result.summary["metrics"].items()
+                                                 if not k.startswith("time/")))
+    return run
