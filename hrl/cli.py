@@ -1,7 +1,8 @@
 """The `hrl` command: one subcommand per pipeline stage, configured by a preset and overrides.
 
-    hrl collect  [--preset gridworld/quick] [--runs-dir runs] [--seed K] [key.sub=value ...]
-    hrl train-bc [--preset gridworld/quick] [--runs-dir runs] [--seed K] [key.sub=value ...]
+    hrl collect  [--preset gridworld/quick] [--runs-dir runs] [--seed K] [--overwrite] [key.sub=value ...]
+    hrl train-bc [--preset gridworld/quick] [--runs-dir runs] [--seed K] [--overwrite] [key.sub=value ...]
+    hrl render   [--preset ...] [--episode N] [--clean] [--output PATH] [--fps F] [key.sub=value ...]
 
 User errors (bad config, a run directory made with another config) print one line and exit
 with code 2; a training run stopped by a non-finite metric prints one line and exits with 1.
@@ -12,16 +13,36 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Sequence
 
-from hrl.experiment import ExperimentConfig, run_bc, run_collect
+from hrl.data.expert import load_dataset
+from hrl.experiment import EXPERT_DATA, EXPERT_DATA_CLEAN, ExperimentConfig, run_bc, run_collect
 from hrl.infra.config import ConfigError, load_config, to_yaml
 from hrl.infra.loop import NonFiniteMetricError
 
-STAGES: dict[str, tuple[Callable, str]] = {
-    "collect": (run_collect, "generate the expert datasets D and D* (stage 'collect')"),
-    "train-bc": (run_bc, "behaviour-clone the expert with an MLP (stage 'bc'; collects first if needed)"),
-}
+
+def collect_command(config: ExperimentConfig, args: argparse.Namespace) -> None:
+    run_collect(config, args.runs_dir, overwrite=args.overwrite)
+
+
+def train_bc_command(config: ExperimentConfig, args: argparse.Namespace) -> None:
+    run_bc(config, args.runs_dir, overwrite=args.overwrite)
+
+
+def render_command(config: ExperimentConfig, args: argparse.Namespace) -> None:
+    """A GIF of one episode of the collected expert data (collecting it first if needed)."""
+    from envs.render import dataset_episode_frames, save_gif  # drawing code only this command needs
+
+    run = run_collect(config, args.runs_dir)
+    filename = EXPERT_DATA_CLEAN if args.clean else EXPERT_DATA
+    dataset = load_dataset(run.path / filename)
+    if not 0 <= args.episode < dataset.num_episodes:
+        raise ConfigError(f"--episode: must be in 0..{dataset.num_episodes - 1} ({filename}), got {args.episode}")
+    output = Path(args.output or run.path / f"{Path(filename).stem}_episode_{args.episode}.gif")
+    frames = dataset_episode_frames(dataset, args.episode)
+    save_gif(output, frames, fps=args.fps)
+    print(f"render: wrote {output} ({len(frames)} frames)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,15 +51,28 @@ def build_parser() -> argparse.ArgumentParser:
                         help="configs/<env>/<name>.yaml by name, or a path to a .yaml file (default: %(default)s)")
     common.add_argument("--runs-dir", default="runs", help="root of the run directories (default: %(default)s)")
     common.add_argument("--seed", type=int, help="shorthand for the override run.seed=K")
-    common.add_argument("--overwrite", action="store_true",
-                        help="delete this stage's run directory and start it afresh")
     common.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
-    common.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. bc.learning_rate=3e-4")
+    common.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                        help="config overrides, e.g. bc.learning_rate=3e-4")
+    stage = argparse.ArgumentParser(add_help=False)
+    stage.add_argument("--overwrite", action="store_true", help="delete this stage's run directory and start it afresh")
 
     parser = argparse.ArgumentParser(prog="hrl", description="Internal RL experiments: run pipeline stages from config presets.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
-    for name, (_, description) in STAGES.items():
-        commands.add_parser(name, parents=[common], help=description, description=description)
+
+    def add(name, handler, description, parents):
+        command = commands.add_parser(name, parents=parents, help=description, description=description)
+        command.set_defaults(handler=handler)
+        return command
+
+    add("collect", collect_command, "generate the expert datasets D and D* (stage 'collect')", [common, stage])
+    add("train-bc", train_bc_command,
+        "behaviour-clone the expert with an MLP (stage 'bc'; runs 'collect' first if it is not complete)", [common, stage])
+    render = add("render", render_command, "draw one episode of the collected expert data as a GIF", [common])
+    render.add_argument("--episode", type=int, default=0, help="episode index in the dataset (default: %(default)s)")
+    render.add_argument("--clean", action="store_true", help="from D* (epsilon 0) instead of D")
+    render.add_argument("--output", help="GIF path (default: next to the dataset in the collect run directory)")
+    render.add_argument("--fps", type=float, default=4.0, help="frames per second (default: %(default)s)")
     return parser
 
 
@@ -50,8 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.show_config:
             print(to_yaml(config), end="")
             return 0
-        run_stage, _ = STAGES[args.command]
-        run_stage(config, args.runs_dir, overwrite=args.overwrite)
+        args.handler(config, args)
     except ConfigError as error:
         print(f"hrl {args.command}: error: {error}", file=sys.stderr)
         return 2

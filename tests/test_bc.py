@@ -9,6 +9,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from hrl import cli
@@ -157,3 +158,14 @@ def test_a_finished_stage_is_skipped_and_a_changed_config_is_refused(collected, 
 
     assert cli.main(["train-bc", "--runs-dir", str(runs), *short, "bc.learning_rate=0.01"]) == 2
     assert "bc.learning_rate: 0.001 -> 0.01" in capsys.readouterr().err
+
+
+def test_render_draws_an_episode_of_the_collected_data(collected, tmp_path, capsys):
+    runs = runs_with_data(collected, tmp_path)
+    output = tmp_path / "episode.gif"
+    assert cli.main(["render", "--runs-dir", str(runs), "--episode", "3", "--output", str(output), *TINY]) == 0
+    length = int(load_dataset(collected / "tiny" / "collect" / "seed_0" / EXPERT_DATA).lengths[3])
+    with Image.open(output) as gif:
+        assert gif.n_frames == length  # one frame per recorded step
+    assert cli.main(["render", "--runs-dir", str(runs), "--episode", "64", *TINY]) == 2
+    assert "--episode: must be in 0..63" in capsys.readouterr().err
