@@ -12,12 +12,21 @@ Rerunning an interrupted command resumes it; completed stages are skipped.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from hrl.data.expert import load_dataset
-from hrl.experiment import EXPERT_DATA, EXPERT_DATA_CLEAN, ExperimentConfig, run_bc, run_collect
+from hrl.experiment import (
+    EXPERT_DATA,
+    EXPERT_DATA_CLEAN,
+    PIPELINE_STAGES,
+    ExperimentConfig,
+    run_bc,
+    run_collect,
+    write_results_table,
+)
 from hrl.infra.config import ConfigError, load_config, to_yaml
 from hrl.infra.loop import NonFiniteMetricError
 
@@ -28,6 +37,16 @@ def collect_command(config: ExperimentConfig, args: argparse.Namespace) -> None:
 
 def train_bc_command(config: ExperimentConfig, args: argparse.Namespace) -> None:
     run_bc(config, args.runs_dir, overwrite=args.overwrite)
+
+
+def pipeline_command(config: ExperimentConfig, args: argparse.Namespace) -> None:
+    """Every stage in order for each seed; complete stages are skipped, interrupted ones resume."""
+    for seed in args.seeds:
+        seeded = dataclasses.replace(config, run=dataclasses.replace(config.run, seed=seed))
+        for stage in PIPELINE_STAGES:
+            stage(seeded, args.runs_dir)
+    table = write_results_table(config, args.runs_dir, args.seeds)
+    print(f"pipeline: done; results in {table}")
 
 
 def render_command(config: ExperimentConfig, args: argparse.Namespace) -> None:
@@ -45,26 +64,45 @@ def render_command(config: ExperimentConfig, args: argparse.Namespace) -> None:
     print(f"render: wrote {output} ({len(frames)} frames)")
 
 
+def seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,1,2, got {text!r}") from None
+    if any(seed < 0 for seed in seeds):
+        raise argparse.ArgumentTypeError(f"seeds must be >= 0, got {text!r}")
+    return seeds
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--preset", default="gridworld/quick",
-                        help="configs/<env>/<name>.yaml by name, or a path to a .yaml file (default: %(default)s)")
+    common.add_argument("--preset", help="configs/<env>/<name>.yaml by name, or a path to a .yaml file "
+                                         "(default: gridworld/quick; for pipeline: <family>/quick)")
     common.add_argument("--runs-dir", default="runs", help="root of the run directories (default: %(default)s)")
     common.add_argument("--seed", type=int, help="shorthand for the override run.seed=K")
     common.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
-    common.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                        help="config overrides, e.g. bc.learning_rate=3e-4")
     stage = argparse.ArgumentParser(add_help=False)
     stage.add_argument("--overwrite", action="store_true", help="delete this stage's run directory and start it afresh")
 
     parser = argparse.ArgumentParser(prog="hrl", description="Internal RL experiments: run pipeline stages from config presets.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="command")
 
-    def add(name, handler, description, parents):
+    def add(name, handler, description, parents, positional=None):
         command = commands.add_parser(name, parents=parents, help=description, description=description)
         command.set_defaults(handler=handler)
+        if positional is not None:
+            command.add_argument(positional[0], **positional[1])
+        command.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                             help="config overrides, e.g. bc.learning_rate=3e-4")
         return command
 
+    family = ("family", dict(choices=["gridworld"],
+                             help="environment family; the preset defaults to <family>/quick"))
+    pipeline = add("pipeline", pipeline_command,
+                   "run every stage of an experiment in order for several seeds, then write a results table",
+                   [common], positional=family)
+    pipeline.add_argument("--seeds", type=seed_list, default=[0, 1, 2],
+                          help="comma-separated seeds (default: 0,1,2)")
     add("collect", collect_command, "generate the expert datasets D and D* (stage 'collect')", [common, stage])
     add("train-bc", train_bc_command,
         "behaviour-clone the expert with an MLP (stage 'bc'; runs 'collect' first if it is not complete)", [common, stage])
@@ -77,10 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may follow options (`hrl pipeline gridworld --seeds 0,1 bc.batch_size=64`), which
+    # argparse leaves over once the positionals are filled: collect them here.
+    args, leftover = parser.parse_known_args(argv)
+    unknown = [arg for arg in leftover if "=" not in arg or arg.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = [*args.overrides, *leftover]
     try:
         seed = [f"run.seed={args.seed}"] if args.seed is not None else []
-        config = load_config(ExperimentConfig, args.preset, [*args.overrides, *seed])
+        preset = args.preset or f"{getattr(args, 'family', 'gridworld')}/quick"
+        config = load_config(ExperimentConfig, preset, [*args.overrides, *seed])
         if args.show_config:
             print(to_yaml(config), end="")
             return 0

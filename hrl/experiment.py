@@ -66,9 +66,11 @@ class ExperimentConfig:
 
 
 # The config sections each stage's outputs depend on, upstream stages' sections included.
+# `loop` (checkpoint and evaluation cadence, progress display) changes no final number, so a run
+# may be resumed with other loop settings.
 STAGE_SECTIONS = {
     "collect": ("env", "collect"),
-    "bc": ("env", "collect", "bc", "loop"),
+    "bc": ("env", "collect", "bc"),
 }
 
 
@@ -145,3 +147,39 @@ def run_bc(config: ExperimentConfig, runs_dir: str | Path, overwrite: bool = Fal
     print(f"bc: done ({run.path}): " + ", ".join(f"{k}={v:.4g}" for k, v in result.summary["metrics"].items()
                                                  if not k.startswith("time/")))
     return run
+
+
+# The stages `hrl pipeline` runs, in order.
+PIPELINE_STAGES = (run_collect, run_bc)
+
+
+def write_results_table(config: ExperimentConfig, runs_dir: str | Path, seeds: list[int]) -> Path:
+    """runs/<experiment>/results.md: each stage's final numbers per seed, from the run directories."""
+    root = Path(runs_dir) / config.run.experiment
+    lines = [f"# Results of {config.run.experiment}", ""]
+    for stage in STAGE_SECTIONS:
+        summaries = {seed: RunDir(RunDir.path_for(runs_dir, config.run.experiment, stage, seed)).summary() for seed in seeds}
+        rows = {seed: _flatten(summary) for seed, summary in summaries.items() if summary is not None}
+        if not rows:
+            continue
+        columns = sorted({name for row in rows.values() for name in row if "time" not in name.split("/")})
+        lines += [f"## {stage}", "", "| seed | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+        lines += [f"| {seed} | " + " | ".join(_format(row.get(name)) for name in columns) + " |" for seed, row in rows.items()]
+        lines.append("")
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "results.md").write_text("\n".join(lines))
+    return root / "results.md"
+
+
+def _flatten(summary: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for name, value in summary.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{name}/"))
+        else:
+            flat[f"{prefix}{name}"] = value
+    return flat
+
+
+def _format(value: Any) -> str:
+    return "" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
