@@ -33,3 +33,19 @@ def _grid_pinpad(**kwargs) -> Env:
 
 
 register("GridPinpad-v0", _grid_pinpad)
+
+
+def _register_with_gymnasium() -> None:
+    """Makes `gymnasium.make("hrl/GridPinpad-v0")` and `gymnasium.make_vec(...)` work after
+    `import envs`. The adapters (envs/gymnasium.py) load only when an environment is made."""
+    import gymnasium
+
+    if "hrl/GridPinpad-v0" not in gymnasium.registry:
+        gymnasium.register(
+            id="hrl/GridPinpad-v0",
+            entry_point="envs.gymnasium:GridPinpadGymEnv",
+            vector_entry_point="envs.gymnasium:GridPinpadVectorEnv",
+        )
+
+
+_register_with_gymnasium()

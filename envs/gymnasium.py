@@ -1,0 +1,356 @@
+"""Gymnasium 1.x adapters of gridworld-pinpad: a single environment and a batched vector one.
+
+    import envs, gymnasium
+    env = gymnasium.make("hrl/GridPinpad-v0", task="posttrain", solvable_only=True)
+    vec = gymnasium.make_vec("hrl/GridPinpad-v0", num_envs=1024)
+
+Both run the pure JAX environment under `jax.jit` and return numpy arrays. They are for tools
+that speak gymnasium; JAX training code should use the functional API (`envs.make`) directly, which
+is much faster than any per-step host round trip.
+
+Episode configuration (constructor keyword arguments, or `reset(options=...)` for one reset):
+- task: "pretrain" (one of the 16 pretraining tasks, drawn per episode), "posttrain", a
+  pretraining task index 0..15, or one of those tasks in subgoal letters ("A-C-B");
+- any_task: with "pretrain", completing any pretraining task counts (how a model that cannot see
+  the task is evaluated);
+- solvable_only: redraw layouts where the task cannot be done within the horizon.
+A reset's options last until the next reset (in the vector environment they also apply to the
+autoresets in between); a reset without options returns to the constructor's configuration.
+
+Seeding: `reset(seed=s)` seeds gymnasium's `np_random`, and every reset draws its JAX key from
+it, so the same seed gives the same trajectory and a reset without a seed continues the stream.
+
+The vector environment autoresets in the same step (`AutoresetMode.SAME_STEP`, like
+`envs.wrappers.AutoReset`): when an episode ends, `step` returns the first observation of the next
+episode, with the reward, terminated and truncated of the step that ended the old one. As in
+gymnasium's `SyncVectorEnv(autoreset_mode=SAME_STEP)`, `infos["final_obs"]` (an object array,
+None where no episode ended) and `infos["final_info"]` then hold the ended episode's last
+observation and info, masked by `infos["_final_obs"]` and `infos["_final_info"]`; the top-level
+info of a reset environment describes its new episode.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, replace
+from typing import Any
+
+import gymnasium
+import jax
+import jax.numpy as jnp
+import numpy as np
+from gymnasium import spaces
+from gymnasium.vector import AutoresetMode
+from gymnasium.vector.utils import batch_space
+
+from envs import pinpad
+from envs.grid_pinpad import OBS_DIM, GridPinpad, info as grid_info
+from envs.render import render_state
+from envs.wrappers import VmapAutoReset
+
+NUM_ACTIONS = 4
+RENDER_FPS = 4
+INFO_KEYS = ("success", "subgoal", "progress", "task_id")
+
+
+# --- episode configuration
+
+
+@dataclass(frozen=True)
+class EpisodeConfig:
+    """What `reset` draws: see the module docstring."""
+
+    task: str | int = "pretrain"
+    any_task: bool = False
+    solvable_only: bool = False
+
+    def with_options(self, options: dict[str, Any] | None) -> "EpisodeConfig":
+        options = dict(options or {})
+        unknown = set(options) - set(self.__dataclass_fields__)
+        if unknown:
+            raise ValueError(
+                f"unknown reset option(s) {sorted(unknown)}; valid: {sorted(self.__dataclass_fields__)}"
+            )
+        for flag in ("any_task", "solvable_only"):
+            if flag in options and not isinstance(options[flag], (bool, np.bool_)):
+                raise ValueError(f"option {flag} must be a bool, got {options[flag]!r}")
+        config = replace(self, **options)
+        config.params()  # refuse a bad task now, not at the next step
+        return config
+
+    def params(self) -> pinpad.PinpadParams:
+        """The task params (`any_task` matters only for the 'pretrain' set)."""
+        if isinstance(self.task, str) and self.task in ("pretrain", "posttrain", pinpad.GRID_POSTTRAIN_TASK):
+            return _task_params(self.task, bool(self.any_task))
+        return _task_params(pretrain_task_index(self.task), False)
+
+
+@functools.lru_cache(maxsize=None)
+def _task_params(task: str | int, any_task: bool) -> pinpad.PinpadParams:
+    # Cached: building params uploads small arrays, which would cost every reset a host round trip.
+    env = GridPinpad()
+    if task == "pretrain":
+        return env.pretrain_params(any_task=any_task)
+    if task in ("posttrain", pinpad.GRID_POSTTRAIN_TASK):
+        return env.posttrain_params()
+    return env.fixed_task_params(task)
+
+
+def pretrain_task_index(task: str | int) -> int:
+    """A pretraining task given by index or by subgoal letters, as its index in the table."""
+    count = len(pinpad.GRID_PRETRAIN_TASKS)
+    if isinstance(task, str) and task in pinpad.GRID_PRETRAIN_TASKS:
+        return pinpad.GRID_PRETRAIN_TASKS.index(task)
+    if isinstance(task, (int, np.integer)) and not isinstance(task, bool) and 0 <= task < count:
+        return int(task)
+    raise ValueError(
+        f"invalid task {task!r}: use 'pretrain', 'posttrain', a pretraining task index 0..{count - 1}, "
+        f"or one of the tasks {', '.join(pinpad.GRID_PRETRAIN_TASKS)} or {pinpad.GRID_POSTTRAIN_TASK}"
+    )
+
+
+# --- jitted functions: compiled once per configuration and shared by all instances
+
+
+def _reset_info(state, params):
+    """The info of an episode's first state (nothing visited, no success yet)."""
+    return grid_info(state, params, jnp.bool_(False))
+
+
+@functools.lru_cache(maxsize=None)
+def _single_functions(horizon: int, solvable_only: bool):
+    env = GridPinpad(horizon=horizon, solvable_only=solvable_only)
+
+    def reset(key, params):
+        obs, state = env.reset(key, params)
+        return obs, state, _reset_info(state, params)
+
+    def step(key, state, action, params):
+        key, key_step = jax.random.split(key)
+        return key, *env.step(key_step, state, action, params)
+
+    return jax.jit(reset), jax.jit(step)
+
+
+@functools.lru_cache(maxsize=None)
+def _vector_functions(horizon: int, solvable_only: bool, num_envs: int):
+    env = GridPinpad(horizon=horizon, solvable_only=solvable_only)
+    batched = VmapAutoReset(env, num_envs)
+
+    def reset(key, params):
+        obs, states = batched.reset(jax.random.split(key, num_envs), params)
+        return obs, states, jax.vmap(_reset_info, (0, None))(states, params)
+
+    def step(key, states, actions, params):
+        key, key_step = jax.random.split(key)
+        obs, states, reward, terminated, truncated, info = batched.step(
+            jax.random.split(key_step, num_envs), states, actions, params
+        )
+        final_obs = info.pop("final_observation")
+        done = terminated | truncated
+        new_episode_info = jax.vmap(_reset_info, (0, None))(states, params)
+        top_info = jax.tree.map(lambda new, old: jnp.where(done, new, old), new_episode_info, info)
+        return key, obs, states, reward, terminated, truncated, top_info, info, final_obs
+
+    return jax.jit(reset), jax.jit(step)
+
+
+def _to_host(tree):
+    """Writable numpy copies (what device_get gives may be read-only views of device buffers, and
+    users own what a step returns)."""
+    return jax.tree.map(np.array, jax.device_get(tree))
+
+
+def _jax_key(np_random: np.random.Generator) -> jax.Array:
+    return jax.random.key(int(np_random.integers(2**32, dtype=np.uint64)))
+
+
+# --- actions
+
+
+def _action_error(action, problem: str, valid: str) -> ValueError:
+    return ValueError(f"invalid action {action!r}: {problem}; expected {valid}")
+
+
+def _as_integer_array(actions, valid: str) -> np.ndarray:
+    """`actions` as an int64 array, refusing non-numbers, booleans and non-integer floats."""
+    try:
+        array = np.asarray(actions)
+    except Exception as err:  # objects numpy cannot convert at all
+        raise _action_error(actions, f"not convertible to an array ({err})", valid) from None
+    if array.dtype.kind == "f":
+        if not np.all(np.isfinite(array) & (array == np.round(array))):
+            raise _action_error(actions, "not an integer", valid)
+    elif array.dtype.kind not in "iu":
+        raise _action_error(actions, f"has type {type(actions).__name__} (dtype {array.dtype})", valid)
+    return array.astype(np.int64)
+
+
+def validate_action(action) -> int:
+    """One action as an int in 0..3, or a ValueError naming it and the valid range."""
+    valid = f"one integer in 0..{NUM_ACTIONS - 1} (Discrete({NUM_ACTIONS}): 0 up, 1 right, 2 down, 3 left)"
+    array = _as_integer_array(action, valid)
+    if array.shape != ():
+        raise _action_error(action, f"has shape {array.shape}", valid)
+    if not 0 <= array < NUM_ACTIONS:
+        raise _action_error(action, "out of range", valid)
+    return int(array)
+
+
+def validate_actions(actions, num_envs: int) -> np.ndarray:
+    """A batch of actions as int32 [num_envs] in 0..3, or a ValueError naming the bad entries."""
+    valid = f"{num_envs} integers in 0..{NUM_ACTIONS - 1} (MultiDiscrete of Discrete({NUM_ACTIONS}))"
+    array = _as_integer_array(actions, valid)
+    if array.shape != (num_envs,):
+        raise _action_error(actions, f"has shape {array.shape}", valid)
+    bad = np.flatnonzero((array < 0) | (array >= NUM_ACTIONS))
+    if bad.size:
+        shown = ", ".join(f"[{i}]={array[i]}" for i in bad[:5])
+        raise _action_error(actions, f"{bad.size} out of range ({shown}{', ...' if bad.size > 5 else ''})", valid)
+    return array.astype(np.int32)
+
+
+# --- the single environment
+
+
+def _host_info(info) -> dict[str, Any]:
+    return {"success": bool(info["success"]), **{k: int(info[k]) for k in INFO_KEYS[1:]}}
+
+
+class GridPinpadGymEnv(gymnasium.Env):
+    """gridworld-pinpad as a `gymnasium.Env` (no autoreset; `step` after the end is undefined, as
+    in gymnasium). `state` and `params` expose the JAX episode, e.g. for the expert policy."""
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": RENDER_FPS}
+
+    def __init__(
+        self,
+        render_mode: str | None = None,
+        task: str | int = "pretrain",
+        any_task: bool = False,
+        solvable_only: bool = False,
+        horizon: int = 100,
+    ):
+        if render_mode not in (None, *self.metadata["render_modes"]):
+            raise ValueError(f"render_mode {render_mode!r} not supported; use None or 'rgb_array'")
+        self.render_mode = render_mode
+        self.jax_env = GridPinpad(horizon=horizon)
+        self.default_config = EpisodeConfig().with_options(
+            {"task": task, "any_task": any_task, "solvable_only": solvable_only}
+        )
+        self.observation_space = spaces.Box(0, 1, (OBS_DIM,), np.uint8)
+        self.action_space = spaces.Discrete(NUM_ACTIONS)
+        self.state = None
+        self.params = None
+        self._key = None
+        self._step = _single_functions(horizon, False)[1]  # stepping never depends on solvable_only
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        config = self.default_config.with_options(options)
+        self.params = config.params()
+        reset = _single_functions(self.jax_env.horizon, config.solvable_only)[0]
+        self._key, key_reset = jax.random.split(_jax_key(self.np_random))
+        obs, self.state, info = reset(key_reset, self.params)
+        obs, info = _to_host((obs, info))
+        return obs, _host_info(info)
+
+    def step(self, action):
+        if self.state is None:
+            raise gymnasium.error.ResetNeeded("call reset() before step()")
+        action = validate_action(action)
+        self._key, obs, self.state, reward, terminated, truncated, info = self._step(
+            self._key, self.state, np.int32(action), self.params
+        )
+        obs, reward, terminated, truncated, info = _to_host((obs, reward, terminated, truncated, info))
+        return obs, float(reward), bool(terminated), bool(truncated), _host_info(info)
+
+    def render(self):
+        if self.render_mode is None:
+            gymnasium.logger.warn("render() called without a render_mode; make the env with render_mode='rgb_array'")
+            return None
+        if self.state is None:
+            raise gymnasium.error.ResetNeeded("call reset() before render()")
+        return render_state(jax.device_get(self.state), jax.device_get(self.params))
+
+
+# --- the vector environment
+
+
+def _with_masks(info: dict[str, np.ndarray], mask: np.ndarray) -> dict[str, np.ndarray]:
+    """gymnasium's vector info layout: each key beside a `_key` mask of the envs that report it."""
+    return {**info, **{f"_{key}": mask.copy() for key in info}}
+
+
+class GridPinpadVectorEnv(gymnasium.vector.VectorEnv):
+    """`num_envs` gridworld-pinpads stepped together in one jitted call, with same-step autoreset
+    (see the module docstring). Resets go through `envs.wrappers.VmapAutoReset`."""
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": RENDER_FPS, "autoreset_mode": AutoresetMode.SAME_STEP}
+
+    def __init__(
+        self,
+        num_envs: int,
+        render_mode: str | None = None,
+        task: str | int = "pretrain",
+        any_task: bool = False,
+        solvable_only: bool = False,
+        horizon: int = 100,
+    ):
+        if num_envs < 1:
+            raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+        if render_mode not in (None, *self.metadata["render_modes"]):
+            raise ValueError(f"render_mode {render_mode!r} not supported; use None or 'rgb_array'")
+        self.num_envs = num_envs
+        self.render_mode = render_mode
+        self.jax_env = GridPinpad(horizon=horizon)
+        self.default_config = EpisodeConfig().with_options(
+            {"task": task, "any_task": any_task, "solvable_only": solvable_only}
+        )
+        self.single_observation_space = spaces.Box(0, 1, (OBS_DIM,), np.uint8)
+        self.single_action_space = spaces.Discrete(NUM_ACTIONS)
+        self.observation_space = batch_space(self.single_observation_space, num_envs)
+        self.action_space = batch_space(self.single_action_space, num_envs)
+        self.states = None
+        self.params = None
+        self.config = self.default_config
+        self._key = None
+
+    def _functions(self):
+        return _vector_functions(self.jax_env.horizon, self.config.solvable_only, self.num_envs)
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        self.config = self.default_config.with_options(options)
+        self.params = self.config.params()
+        self._key, key_reset = jax.random.split(_jax_key(self.np_random))
+        obs, self.states, info = self._functions()[0](key_reset, self.params)
+        obs, info = _to_host((obs, info))
+        return obs, _with_masks(info, np.ones(self.num_envs, bool))
+
+    def step(self, actions):
+        if self.states is None:
+            raise gymnasium.error.ResetNeeded("call reset() before step()")
+        actions = validate_actions(actions, self.num_envs)
+        self._key, obs, self.states, *outputs = self._functions()[1](self._key, self.states, actions, self.params)
+        obs, reward, terminated, truncated, info, final_info, final_obs = _to_host((obs, *outputs))
+        infos = _with_masks(info, np.ones(self.num_envs, bool))
+        done = terminated | truncated
+        if done.any():
+            infos["final_obs"] = np.full(self.num_envs, None, dtype=object)
+            for i in np.flatnonzero(done):
+                infos["final_obs"][i] = final_obs[i]
+            infos["_final_obs"] = done.copy()
+            infos["final_info"] = _with_masks(final_info, done)
+            infos["_final_info"] = done.copy()
+        return obs, reward.astype(np.float64), terminated, truncated, infos
+
+    def render(self):
+        if self.render_mode is None:
+            gymnasium.logger.warn("render() called without a render_mode; make the env with render_mode='rgb_array'")
+            return None
+        if self.states is None:
+            raise gymnasium.error.ResetNeeded("call reset() before render()")
+        states, params = jax.device_get((self.states, self.params))
+        return tuple(render_state(jax.tree.map(lambda x: x[i], states), params) for i in range(self.num_envs))
+
