@@ -25,6 +25,7 @@ from hrl.experiment import (
     ExperimentConfig,
     run_bc,
     run_collect,
+    run_pretrain,
     write_results_table,
 )
 from hrl.infra.config import ConfigError, load_config, to_yaml
@@ -47,6 +48,10 @@ def pipeline_command(config: ExperimentConfig, args: argparse.Namespace) -> None
             stage(seeded, args.runs_dir)
     table = write_results_table(config, args.runs_dir, args.seeds)
     print(f"pipeline: done; results in {table}")
+
+
+def pretrain_command(config: ExperimentConfig, args: argparse.Namespace) -> None:
+    run_pretrain(config, args.runs_dir, overwrite=args.overwrite)
 
 
 def render_command(config: ExperimentConfig, args: argparse.Namespace) -> None:
@@ -106,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("collect", collect_command, "generate the expert datasets D and D* (stage 'collect')", [common, stage])
     add("train-bc", train_bc_command,
         "behaviour-clone the expert with an MLP (stage 'bc'; runs 'collect' first if it is not complete)", [common, stage])
+    add("pretrain", pretrain_command,
+        "pretrain the base transformer on D and evaluate it closed-loop (stage 'pretrain')", [common, stage])
     render = add("render", render_command, "draw one episode of the collected expert data as a GIF", [common])
     render.add_argument("--episode", type=int, default=0, help="episode index in the dataset (default: %(default)s)")
     render.add_argument("--clean", action="store_true", help="from D* (epsilon 0) instead of D")

@@ -17,13 +17,16 @@ import jax
 
 import envs
 from envs.experts import make_expert
-from hrl.algos import bc
+from hrl.algos import bc, pretrain
 from hrl.algos.bc import BCConfig
+from hrl.algos.pretrain import PretrainConfig
 from hrl.data import expert
 from hrl.data.expert import CollectConfig
 from hrl.infra.config import check
 from hrl.infra.loop import LoopConfig, run_training
 from hrl.infra.rundir import RunDir
+from hrl.infra.train_state import TrainState
+from hrl.models.transformer import TransformerConfig
 
 
 @dataclasses.dataclass
@@ -57,9 +60,13 @@ class ExperimentConfig:
     env: EnvConfig = dataclasses.field(default_factory=EnvConfig)
     collect: CollectConfig = dataclasses.field(default_factory=CollectConfig)
     bc: BCConfig = dataclasses.field(default_factory=BCConfig)
+    model: TransformerConfig = dataclasses.field(default_factory=TransformerConfig)
+    pretrain: PretrainConfig = dataclasses.field(default_factory=PretrainConfig)
     loop: LoopConfig = dataclasses.field(default_factory=LoopConfig)
 
     def validate(self) -> None:
+        check(self.model.max_len >= self.env.horizon, "model.max_len",
+              f"must be >= env.horizon ({self.env.horizon}) so rollouts fit the cache", self.model.max_len)
         num_tasks = self.env.make().pretrain_params().tasks.size
         check(self.bc.eval_task < num_tasks, "bc.eval_task", f"must be < {num_tasks} (pretraining tasks)",
               self.bc.eval_task)
@@ -71,6 +78,7 @@ class ExperimentConfig:
 STAGE_SECTIONS = {
     "collect": ("env", "collect"),
     "bc": ("env", "collect", "bc"),
+    "pretrain": ("env", "collect", "model", "pretrain"),
 }
 
 
@@ -149,8 +157,50 @@ def run_bc(config: ExperimentConfig, runs_dir: str | Path, overwrite: bool = Fal
     return run
 
 
+def run_pretrain(config: ExperimentConfig, runs_dir: str | Path, overwrite: bool = False) -> RunDir:
+    """Pretrain the base transformer on D; evaluate it closed-loop in the environment."""
+    run = stage_run_dir(config, runs_dir, "pretrain", overwrite)
+    if run.is_complete:
+        print(f"pretrain: complete, skipped ({run.path})")
+        return run
+    dataset = expert.load_dataset(run_collect(config, runs_dir).path / EXPERT_DATA)
+    env = config.env.make()
+    init_key, eval_key = jax.random.split(stage_key(config, "pretrain"))
+    cfg = config.pretrain
+    initial = pretrain.init(init_key, cfg, config.model, env.observation_space.shape[0], env.action_space.n)
+    result = run_training(
+        run,
+        initial,
+        pretrain.make_train_chunk(cfg, dataset),
+        cfg.num_chunks,
+        steps_per_chunk=cfg.updates_per_chunk,
+        loop=config.loop,
+        evaluate=pretrain.make_evaluate(cfg, env, eval_key),
+        description="pretrain",
+    )
+    run.mark_complete(result.summary)
+    print(f"pretrain: done ({run.path}): " + ", ".join(f"{k}={v:.4g}" for k, v in result.summary["metrics"].items()
+                                                       if not k.startswith("time/")))
+    return run
+
+
+def load_base_model(config: ExperimentConfig, runs_dir: str | Path) -> TrainState:
+    """The pretrained base model's final train state (pretraining first if it is not complete)."""
+    from hrl.infra.checkpoint import Checkpointer
+
+    run = run_pretrain(config, runs_dir)
+    env = config.env.make()
+    like = jax.eval_shape(lambda: pretrain.init(jax.random.key(0), config.pretrain, config.model,
+                                                env.observation_space.shape[0], env.action_space.n))
+    with Checkpointer(run.checkpoint_dir) as checkpointer:
+        restored = checkpointer.restore_latest(like)
+    if restored is None:
+        raise FileNotFoundError(f"no checkpoint in {run.checkpoint_dir}")
+    return restored[1]
+
+
 # The stages `hrl pipeline` runs, in order.
-PIPELINE_STAGES = (run_collect, run_bc)
+PIPELINE_STAGES = (run_collect, run_bc, run_pretrain)
 
 
 def write_results_table(config: ExperimentConfig, runs_dir: str | Path, seeds: list[int]) -> Path:

@@ -10,9 +10,8 @@ does not show which colours were visited, so a memoryless policy cannot tell eve
 decision apart: accuracy and closed-loop success stay well below 1 by design. This is a
 baseline and a test bed for the training loop, not the paper's sequence model.
 
-The flax nnx module is split once (`nnx.split`): the train state holds its parameters as a
-plain pytree and the graph definition as static data, and everything runs under plain
-`jax.jit` (`nnx.jit` costs milliseconds per call).
+The train state is the shared `hrl.infra.train_state.TrainState` (parameters as a plain pytree,
+everything under plain `jax.jit`).
 """
 
 from __future__ import annotations
@@ -24,9 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx, struct
+from flax import nnx
 
 from hrl.infra.config import check
+from hrl.infra.train_state import TrainState, adamw
 
 
 @dataclasses.dataclass
@@ -71,26 +71,14 @@ class MLPPolicy(nnx.Module):
         return self.head(x)
 
 
-@struct.dataclass
-class TrainState:
-    params: nnx.State
-    opt_state: optax.OptState
-    key: jax.Array
-    graphdef: nnx.GraphDef = struct.field(pytree_node=False)
-
-    def policy(self) -> MLPPolicy:
-        return nnx.merge(self.graphdef, self.params)
-
-
 def make_optimizer(cfg: BCConfig) -> optax.GradientTransformation:
-    return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), optax.adamw(cfg.learning_rate, weight_decay=cfg.weight_decay))
+    return adamw(cfg.learning_rate, cfg.weight_decay, cfg.max_grad_norm)
 
 
 def init(key: jax.Array, cfg: BCConfig, obs_dim: int, num_actions: int) -> TrainState:
     model_key, train_key = jax.random.split(key)
     model = MLPPolicy(obs_dim, tuple(cfg.hidden_sizes), num_actions, nnx.Rngs(params=model_key))
-    graphdef, params = nnx.split(model)
-    return TrainState(params=params, opt_state=make_optimizer(cfg).init(params), key=train_key, graphdef=graphdef)
+    return TrainState.create(model, make_optimizer(cfg), train_key)
 
 
 def valid_steps(dataset: Any) -> tuple[jax.Array, jax.Array]:
@@ -154,7 +142,7 @@ def make_evaluate(cfg: BCConfig, env: Any, env_params: Any, key: jax.Array) -> C
 
     @jax.jit
     def evaluate(state: TrainState):
-        policy = state.policy()
+        policy = state.module()
         success, progress = jax.vmap(lambda k: run_episode(policy, k))(episode_keys)
         return {"success_rate": success.mean(), "progress": progress.mean()}
 

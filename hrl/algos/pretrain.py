@@ -1,0 +1,125 @@
+"""Phase 1: pretrain the base autoregressive policy on the expert data D.
+
+Loss per valid step t of an episode: -log p(a_t | o_1..o_t) + lambda * -log p(o_{t+1} | o_1..o_t),
+the observation term summed over the observation's bits (the last step of an episode has no next
+observation in the data and only contributes its action term). AdamW. Everything of one update
+is one jitted function; `train_chunk` runs `updates_per_chunk` of them in `lax.scan`, sampling
+episodes with the key carried in the state (so a resumed run repeats the same batches).
+
+Evaluation is closed-loop in the environment with the cached incremental decoder: success when
+any pretraining task counts (the model cannot see the task, so this is the right measure) and on
+the post-training task (expected near zero).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from hrl.infra.config import check
+from hrl.infra.train_state import TrainState, adamw
+from hrl.models import rollout
+from hrl.models.transformer import Transformer, TransformerConfig
+
+
+@dataclasses.dataclass
+class PretrainConfig:
+    """Paper (grid): AdamW lr 3e-4, weight decay 0.03, 256k steps at batch 1024, lambda in {0, 0.01}."""
+
+    learning_rate: float = 3e-4
+    weight_decay: float = 0.03
+    max_grad_norm: float = 1.0
+    obs_loss_weight: float = 0.01  # lambda
+    batch_size: int = 64  # episodes per update
+    num_updates: int = 3000
+    updates_per_chunk: int = 50
+    eval_episodes: int = 256
+    greedy_eval: bool = False  # sample actions (the policy is a stochastic expert's imitation)
+
+    def validate(self) -> None:
+        for name in ("learning_rate", "max_grad_norm", "batch_size", "num_updates", "updates_per_chunk", "eval_episodes"):
+            check(getattr(self, name) > 0, name, "must be > 0", getattr(self, name))
+        check(self.weight_decay >= 0, "weight_decay", "must be >= 0", self.weight_decay)
+        check(self.obs_loss_weight >= 0, "obs_loss_weight", "must be >= 0", self.obs_loss_weight)
+        check(self.num_updates % self.updates_per_chunk == 0, "num_updates",
+              f"must be a multiple of updates_per_chunk ({self.updates_per_chunk})", self.num_updates)
+
+    @property
+    def num_chunks(self) -> int:
+        return self.num_updates // self.updates_per_chunk
+
+
+def make_optimizer(cfg: PretrainConfig) -> optax.GradientTransformation:
+    return adamw(cfg.learning_rate, cfg.weight_decay, cfg.max_grad_norm)
+
+
+def init(key: jax.Array, cfg: PretrainConfig, model_cfg: TransformerConfig, obs_dim: int, num_actions: int) -> TrainState:
+    model_key, train_key = jax.random.split(key)
+    model = Transformer(model_cfg, obs_dim, num_actions, rngs=nnx.Rngs(params=model_key))
+    return TrainState.create(model, make_optimizer(cfg), train_key)
+
+
+def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+    return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1)
+
+
+def losses(model: Transformer, obs: jax.Array, actions: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+    """Per-step losses of a batch of episodes obs [B, T, D], actions [B, T], mask [B, T]."""
+    out = model(obs)
+    action_nll = optax.softmax_cross_entropy_with_integer_labels(out.action_logits, actions)
+    next_obs = obs[:, 1:].astype(jnp.float32)
+    obs_nll = optax.sigmoid_binary_cross_entropy(out.obs_logits[:, :-1], next_obs).sum(-1)
+    has_next = mask[:, 1:]
+    correct = jnp.argmax(out.action_logits, -1) == actions
+    return {
+        "action_nll": masked_mean(action_nll, mask),
+        "obs_nll": masked_mean(obs_nll, has_next),
+        "action_accuracy": masked_mean(correct, mask),
+    }
+
+
+def make_train_chunk(cfg: PretrainConfig, dataset: Any) -> Callable[[TrainState], tuple[TrainState, dict]]:
+    """A jitted `train_chunk(state) -> (state, metrics)` of `cfg.updates_per_chunk` updates on D."""
+    obs, actions, mask = jnp.asarray(dataset.obs), jnp.asarray(dataset.actions), jnp.asarray(dataset.mask)
+    optimizer = make_optimizer(cfg)
+
+    def loss_fn(params, graphdef, batch):
+        terms = losses(nnx.merge(graphdef, params), *batch)
+        return terms["action_nll"] + cfg.obs_loss_weight * terms["obs_nll"], terms
+
+    def update(state: TrainState, _):
+        key, batch_key = jax.random.split(state.key)
+        episodes = jax.random.randint(batch_key, (cfg.batch_size,), 0, obs.shape[0])
+        batch = (obs[episodes], actions[episodes], mask[episodes])
+        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.graphdef, batch)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return state.replace(params=params, opt_state=opt_state, key=key), {"loss": loss, **terms}
+
+    @jax.jit
+    def train_chunk(state: TrainState):
+        state, metrics = jax.lax.scan(update, state, length=cfg.updates_per_chunk)
+        return state, jax.tree.map(jnp.mean, metrics)
+
+    return train_chunk
+
+
+def make_evaluate(cfg: PretrainConfig, env: Any, key: jax.Array) -> Callable[[TrainState], dict]:
+    """A jitted closed-loop evaluation: any pretraining task, and the post-training task. The
+    episode keys are fixed, so every evaluation of a run sees the same layouts."""
+    any_pretrain, posttrain = env.pretrain_params(any_task=True), env.posttrain_params()
+    keys = jax.random.split(key, cfg.eval_episodes)
+
+    @jax.jit
+    def evaluate(state: TrainState):
+        model = state.module()
+        pre = rollout.evaluate(model, env, any_pretrain, keys, cfg.greedy_eval)
+        post = rollout.evaluate(model, env, posttrain, keys, cfg.greedy_eval)
+        return {**{f"any_pretrain/{k}": v for k, v in pre.items()}, **{f"posttrain/{k}": v for k, v in post.items()}}
+
+    return evaluate

@@ -1,0 +1,57 @@
+"""Closed-loop episodes of a sequence policy, decoded incrementally (one token per step).
+
+The policy is any model with `init_cache(batch_shape)` and `step(cache, obs, intervention, layer)`
+returning (Output, cache, e_layer): the transformer now, the Hawk model later. Recomputing the
+prefix at every step is never done: each environment step costs one cached model step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from envs.base import Env
+
+
+class Episode(NamedTuple):
+    success: jax.Array  # bool
+    progress: jax.Array  # colours correctly visited when the episode ended
+    length: jax.Array  # steps taken
+
+
+def run_episode(
+    model: Any, env: Env, env_params: Any, key: jax.Array, *, greedy: bool = False
+) -> Episode:
+    """One episode of the unsteered model, sampling its actions (argmax if greedy)."""
+    key_reset, key_steps = jax.random.split(key)
+    obs, state = env.reset(key_reset, env_params)
+
+    def step(carry, key):
+        obs, state, cache, done, success, progress, length = carry
+        key_act, key_env = jax.random.split(key)
+        out, cache, _ = model.step(cache, obs)
+        logits = out.action_logits
+        action = jnp.argmax(logits) if greedy else jax.random.categorical(key_act, logits)
+        obs, new_state, _, terminated, truncated, info = env.step(key_env, state, action, env_params)
+        # Freeze the episode's results once it has ended; later steps are discarded.
+        state = jax.tree.map(lambda old, new: jnp.where(done, old, new), state, new_state)
+        success = success | (~done & info["success"])
+        progress = jnp.where(done, progress, info["progress"])
+        length = length + (~done).astype(jnp.int32)
+        return (obs, state, cache, done | terminated | truncated, success, progress, length), None
+
+    init = (obs, state, model.init_cache(), jnp.bool_(False), jnp.bool_(False), jnp.int32(0), jnp.int32(0))
+    (*_, success, progress, length), _ = jax.lax.scan(step, init, jax.random.split(key_steps, env.max_steps))
+    return Episode(success, progress, length)
+
+
+def evaluate(model: Any, env: Env, env_params: Any, keys: jax.Array, greedy: bool = False) -> dict[str, jax.Array]:
+    """Success rate, mean progress and mean length over one episode per key (vmapped)."""
+    episodes = jax.vmap(lambda k: run_episode(model, env, env_params, k, greedy=greedy))(keys)
+    return {
+        "success_rate": jnp.mean(episodes.success),
+        "progress": jnp.mean(episodes.progress),
+        "length": jnp.mean(episodes.length),
+    }
