@@ -60,6 +60,7 @@ class GridState:
 
 class GridPinpad(Env[GridState, pinpad.PinpadParams]):
     name = "GridPinpad-v0"
+    grid_shape = (SIZE, SIZE, NUM_CHANNELS)  # how the observation folds into cells (agent channel last)
 
     def __init__(self, horizon: int = 100, solvable_only: bool = False):
         if horizon < 1:
@@ -103,6 +104,10 @@ class GridPinpad(Env[GridState, pinpad.PinpadParams]):
     @property
     def max_steps(self) -> int:
         return self.horizon
+
+    @property
+    def num_subgoals(self) -> int:
+        return len(pinpad.GRID_SUBGOALS)  # A..D, each a pair of colours
 
     # --- dynamics
     def reset(self, key: jax.Array, params: pinpad.PinpadParams) -> tuple[jax.Array, GridState]:

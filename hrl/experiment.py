@@ -17,9 +17,11 @@ import jax
 
 import envs
 from envs.experts import make_expert
-from hrl.algos import bc, pretrain
+from hrl.algos import bc, controllers, pretrain, probe
 from hrl.algos.bc import BCConfig
+from hrl.algos.controllers import ControllerConfig
 from hrl.algos.pretrain import PretrainConfig
+from hrl.algos.probe import ProbeConfig
 from hrl.data import expert
 from hrl.data.expert import CollectConfig
 from hrl.infra.config import check
@@ -62,6 +64,8 @@ class ExperimentConfig:
     bc: BCConfig = dataclasses.field(default_factory=BCConfig)
     model: TransformerConfig = dataclasses.field(default_factory=TransformerConfig)
     pretrain: PretrainConfig = dataclasses.field(default_factory=PretrainConfig)
+    probe: ProbeConfig = dataclasses.field(default_factory=ProbeConfig)
+    controllers: ControllerConfig = dataclasses.field(default_factory=ControllerConfig)
     loop: LoopConfig = dataclasses.field(default_factory=LoopConfig)
 
     def validate(self) -> None:
@@ -70,6 +74,8 @@ class ExperimentConfig:
         num_tasks = self.env.make().pretrain_params().tasks.size
         check(self.bc.eval_task < num_tasks, "bc.eval_task", f"must be < {num_tasks} (pretraining tasks)",
               self.bc.eval_task)
+        check(all(layer <= self.model.num_layers for layer in self.controllers.layers), "controllers.layers",
+              f"must be layers of the base model, 0..{self.model.num_layers}", self.controllers.layers)
 
 
 # The config sections each stage's outputs depend on, upstream stages' sections included.
@@ -79,6 +85,8 @@ STAGE_SECTIONS = {
     "collect": ("env", "collect"),
     "bc": ("env", "collect", "bc"),
     "pretrain": ("env", "collect", "model", "pretrain"),
+    "probe": ("env", "collect", "model", "pretrain", "probe"),
+    "controllers": ("env", "collect", "model", "pretrain", "controllers"),
 }
 
 
@@ -167,7 +175,8 @@ def run_pretrain(config: ExperimentConfig, runs_dir: str | Path, overwrite: bool
     env = config.env.make()
     init_key, eval_key = jax.random.split(stage_key(config, "pretrain"))
     cfg = config.pretrain
-    initial = pretrain.init(init_key, cfg, config.model, env.observation_space.shape[0], env.action_space.n)
+    initial = pretrain.init(init_key, cfg, config.model, env.observation_space.shape[0], env.action_space.n,
+                            getattr(env, "grid_shape", None))
     result = run_training(
         run,
         initial,
@@ -191,7 +200,8 @@ def load_base_model(config: ExperimentConfig, runs_dir: str | Path) -> TrainStat
     run = run_pretrain(config, runs_dir)
     env = config.env.make()
     like = jax.eval_shape(lambda: pretrain.init(jax.random.key(0), config.pretrain, config.model,
-                                                env.observation_space.shape[0], env.action_space.n))
+                                                env.observation_space.shape[0], env.action_space.n,
+                                                getattr(env, "grid_shape", None)))
     with Checkpointer(run.checkpoint_dir) as checkpointer:
         restored = checkpointer.restore_latest(like)
     if restored is None:
@@ -199,8 +209,71 @@ def load_base_model(config: ExperimentConfig, runs_dir: str | Path) -> TrainStat
     return restored[1]
 
 
+def run_probe(config: ExperimentConfig, runs_dir: str | Path, overwrite: bool = False) -> RunDir:
+    """Linear probes of the current subgoal on every layer of the frozen base model, on D with the
+    last episodes held out. The summary adds `heldout_accuracy_by_layer` and the chance level."""
+    run = stage_run_dir(config, runs_dir, "probe", overwrite)
+    if run.is_complete:
+        print(f"probe: complete, skipped ({run.path})")
+        return run
+    base = load_base_model(config, runs_dir).module()
+    dataset = expert.load_dataset(run_collect(config, runs_dir).path / EXPERT_DATA)
+    num_subgoals = config.env.make().num_subgoals
+    cfg = config.probe
+    train, heldout = probe.split_episodes(dataset, cfg.heldout_fraction)
+    result = run_training(
+        run,
+        probe.init(stage_key(config, "probe"), cfg, base, num_subgoals),
+        probe.make_train_chunk(cfg, base, train),
+        cfg.num_chunks,
+        steps_per_chunk=cfg.updates_per_chunk,
+        loop=config.loop,
+        evaluate=probe.make_evaluate(cfg, base, heldout),
+        description="probe",
+    )
+    metrics = result.summary["metrics"]
+    accuracy = {str(layer): metrics[f"eval/heldout_accuracy/layer_{layer}"] for layer in range(base.num_layers + 1)}
+    chance = probe.majority_class_accuracy(train, heldout, num_subgoals)
+    run.mark_complete({**result.summary, "heldout_accuracy_by_layer": accuracy, "heldout_chance_accuracy": chance})
+    print(f"probe: done ({run.path}): held-out accuracy by layer "
+          + ", ".join(f"{layer}: {value:.3f}" for layer, value in accuracy.items()) + f" (chance {chance:.3f})")
+    return run
+
+
+def run_controllers(config: ExperimentConfig, runs_dir: str | Path, overwrite: bool = False) -> RunDir:
+    """Supervised controllers on D*, one set per controlled layer, chained on the post-training task.
+    The summary adds `posttrain_success_by_layer` and the unsteered `base_posttrain_success`."""
+    run = stage_run_dir(config, runs_dir, "controllers", overwrite)
+    if run.is_complete:
+        print(f"controllers: complete, skipped ({run.path})")
+        return run
+    base = load_base_model(config, runs_dir).module()
+    dataset = expert.load_dataset(run_collect(config, runs_dir).path / EXPERT_DATA_CLEAN)
+    env = config.env.make()
+    cfg = config.controllers
+    layers = cfg.swept_layers(base.num_layers)
+    init_key, eval_key = jax.random.split(stage_key(config, "controllers"))
+    result = run_training(
+        run,
+        controllers.init(init_key, cfg, base, len(layers), env.num_subgoals),
+        controllers.make_train_chunk(cfg, base, layers, dataset),
+        cfg.num_chunks,
+        steps_per_chunk=cfg.updates_per_chunk,
+        loop=config.loop,
+        evaluate=controllers.make_evaluate(cfg, base, layers, env, eval_key),
+        description="controllers",
+    )
+    metrics = result.summary["metrics"]
+    success = {str(layer): metrics[f"eval/posttrain_success/layer_{layer}"] for layer in layers}
+    base_success = controllers.evaluate_base(cfg, base, env, eval_key)["success_rate"]
+    run.mark_complete({**result.summary, "posttrain_success_by_layer": success, "base_posttrain_success": base_success})
+    print(f"controllers: done ({run.path}): post-training success by controlled layer "
+          + ", ".join(f"{layer}: {value:.3f}" for layer, value in success.items()) + f" (unsteered base {base_success:.3f})")
+    return run
+
+
 # The stages `hrl pipeline` runs, in order.
-PIPELINE_STAGES = (run_collect, run_bc, run_pretrain)
+PIPELINE_STAGES = (run_collect, run_bc, run_pretrain, run_probe, run_controllers)
 
 
 def write_results_table(config: ExperimentConfig, runs_dir: str | Path, seeds: list[int]) -> Path:

@@ -81,3 +81,29 @@ def test_config_validation():
         TransformerConfig(width=30, num_heads=4).validate()
     with pytest.raises(ValueError, match="init_scale"):
         TransformerConfig(init_scale=0).validate()
+
+
+def test_egocentric_encoder_centres_the_agent():
+    from envs.grid_pinpad import GridPinpad, observe
+    from hrl.models import encoders
+
+    env = GridPinpad()
+    _, state = env.reset(jax.random.key(3), env.default_params)
+    features = encoders.encode("egocentric_grid", observe(state), env.grid_shape)
+    assert features.shape == (encoders.feature_dim("egocentric_grid", OBS_DIM, env.grid_shape),) == (13 * 13 * 13 + OBS_DIM,)
+    window = np.asarray(features[: 13 * 13 * 13]).reshape(13, 13, 13)
+    agent_row, agent_col = divmod(int(state.agent), 7)
+    for colour in range(8):
+        row, col = divmod(int(state.colour_cells[colour]), 7)
+        assert window[6 + row - agent_row, 6 + col - agent_col, 4 + colour] == 1
+    assert window[..., :12].sum() == 12  # every object once, nothing else
+    assert window[..., 12].sum() == 49 and window[6, 6, 12] == 1  # the grid's 49 cells, agent at the centre
+    np.testing.assert_array_equal(features[13 * 13 * 13 :], observe(state))
+
+
+def test_egocentric_model_runs_and_needs_a_grid_shape(obs):
+    cfg = TransformerConfig(num_layers=1, width=16, num_heads=2, mlp_width=16, max_len=16, encoder="egocentric_grid")
+    model = Transformer(cfg, OBS_DIM, 4, grid_shape=(7, 7, 13), rngs=nnx.Rngs(0))
+    assert model(obs).action_logits.shape == (3, 16, 4)
+    with pytest.raises(ValueError, match="grid shape"):
+        Transformer(cfg, OBS_DIM, 4, rngs=nnx.Rngs(0))

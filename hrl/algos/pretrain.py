@@ -58,9 +58,16 @@ def make_optimizer(cfg: PretrainConfig) -> optax.GradientTransformation:
     return adamw(cfg.learning_rate, cfg.weight_decay, cfg.max_grad_norm)
 
 
-def init(key: jax.Array, cfg: PretrainConfig, model_cfg: TransformerConfig, obs_dim: int, num_actions: int) -> TrainState:
+def init(
+    key: jax.Array,
+    cfg: PretrainConfig,
+    model_cfg: TransformerConfig,
+    obs_dim: int,
+    num_actions: int,
+    grid_shape: tuple[int, int, int] | None = None,
+) -> TrainState:
     model_key, train_key = jax.random.split(key)
-    model = Transformer(model_cfg, obs_dim, num_actions, rngs=nnx.Rngs(params=model_key))
+    model = Transformer(model_cfg, obs_dim, num_actions, grid_shape=grid_shape, rngs=nnx.Rngs(params=model_key))
     return TrainState.create(model, make_optimizer(cfg), train_key)
 
 

@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from hrl.models import encoders
+
 Intervention = Callable[[jax.Array], jax.Array]
 
 
@@ -45,6 +47,7 @@ class TransformerConfig:
     relpos_max_distance: int = 128  # distances beyond share the last bucket
     init_scale: float = 0.1  # variance scale of every kernel initialiser
     max_len: int = 100  # longest sequence the cache holds (the horizon)
+    encoder: str = "flat"  # how an observation becomes token features (hrl.models.encoders)
 
     def validate(self) -> None:
         for name in ("num_layers", "width", "num_heads", "mlp_width", "relpos_buckets", "max_len"):
@@ -54,6 +57,8 @@ class TransformerConfig:
             raise ValueError(f"num_heads: must divide width={self.width}, got {self.num_heads}")
         if self.init_scale <= 0:
             raise ValueError(f"init_scale: must be > 0, got {self.init_scale}")
+        if self.encoder not in encoders.ENCODERS:
+            raise ValueError(f"encoder: must be one of {encoders.ENCODERS}, got {self.encoder!r}")
 
 
 class Output(NamedTuple):
@@ -117,11 +122,21 @@ class Block(nnx.Module):
 
 
 class Transformer(nnx.Module):
-    def __init__(self, cfg: TransformerConfig, obs_dim: int, num_actions: int, *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cfg: TransformerConfig,
+        obs_dim: int,
+        num_actions: int,
+        *,
+        grid_shape: tuple[int, int, int] | None = None,
+        rngs: nnx.Rngs,
+    ):
         cfg.validate()
         init = nnx.initializers.variance_scaling(cfg.init_scale, "fan_in", "truncated_normal")
         self.cfg = cfg
-        self.embed = nnx.Linear(obs_dim, cfg.width, kernel_init=init, rngs=rngs)
+        self.grid_shape = grid_shape
+        features = encoders.feature_dim(cfg.encoder, obs_dim, grid_shape)
+        self.embedding = nnx.Linear(features, cfg.width, kernel_init=init, rngs=rngs)
         self.blocks = nnx.List([Block(cfg, init, rngs) for _ in range(cfg.num_layers)])
         self.final_norm = nnx.LayerNorm(cfg.width, rngs=rngs)
         self.action_head = nnx.Linear(cfg.width, num_actions, kernel_init=init, rngs=rngs)
@@ -131,13 +146,17 @@ class Transformer(nnx.Module):
     def num_layers(self) -> int:
         return self.cfg.num_layers
 
+    def embed(self, obs: jax.Array) -> jax.Array:
+        """obs [..., obs_dim] -> e_0 [..., width]."""
+        return self.embedding(encoders.encode(self.cfg.encoder, obs, self.grid_shape))
+
     def heads(self, e_last: jax.Array) -> Output:
         x = self.final_norm(e_last)
         return Output(self.action_head(x), self.obs_head(x))
 
     def lower(self, obs: jax.Array, layer: int) -> jax.Array:
         """obs [..., T, obs_dim] -> e_layer [..., T, width]."""
-        e = self.embed(obs.astype(jnp.float32))
+        e = self.embed(obs)
         for block in self.blocks[:layer]:
             e = block(e)
         return e
@@ -153,7 +172,7 @@ class Transformer(nnx.Module):
         given. Returns the heads and every residual e_0 .. e_L."""
         if intervention is not None and layer is None:
             raise ValueError("an intervention needs the layer it acts on")
-        e = self.embed(obs.astype(jnp.float32))
+        e = self.embed(obs)
         residuals = []
         for index in range(self.num_layers + 1):
             if index == layer and intervention is not None:
@@ -181,7 +200,7 @@ class Transformer(nnx.Module):
         """
         t = cache["t"]
         k_cache, v_cache = cache["k"], cache["v"]
-        e = self.embed(obs.astype(jnp.float32))[None]  # a sequence of one token
+        e = self.embed(obs)[None]  # a sequence of one token
         e_at_layer = e
         for index in range(self.num_layers + 1):
             if index == layer:
