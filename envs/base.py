@@ -69,6 +69,12 @@ class Env(Generic[State, Params]):
         raise NotImplementedError
 
     @property
+    def num_subgoals(self) -> int:
+        """How many ground-truth subgoals there are: `subgoal` reports 0 .. num_subgoals - 1, or -1
+        when none is left (the task is over)."""
+        raise NotImplementedError
+
+    @property
     def default_params(self) -> Params:
         raise NotImplementedError
 

@@ -39,6 +39,10 @@ class Wrapper(Env):
     def max_steps(self):
         return self.env.max_steps
 
+    @property
+    def num_subgoals(self):
+        return self.env.num_subgoals
+
 
 def _select(flag, when_true, when_false):
     return jax.tree.map(lambda a, b: jnp.where(flag, a, b), when_true, when_false)

@@ -3,6 +3,7 @@
     hrl collect  [--preset gridworld/quick] [--runs-dir runs] [--seed K] [--overwrite] [key.sub=value ...]
     hrl train-bc [--preset gridworld/quick] [--runs-dir runs] [--seed K] [--overwrite] [key.sub=value ...]
     hrl render   [--preset ...] [--episode N] [--clean] [--output PATH] [--fps F] [key.sub=value ...]
+    hrl probe | hrl controllers   (same options as collect)
 
 User errors (bad config, a run directory made with another config) print one line and exit
 with code 2; a training run stopped by a non-finite metric prints one line and exits with 1.
@@ -25,7 +26,9 @@ from hrl.experiment import (
     ExperimentConfig,
     run_bc,
     run_collect,
+    run_controllers,
     run_pretrain,
+    run_probe,
     write_results_table,
 )
 from hrl.infra.config import ConfigError, load_config, to_yaml
@@ -41,17 +44,29 @@ def train_bc_command(config: ExperimentConfig, args: argparse.Namespace) -> None
 
 
 def pipeline_command(config: ExperimentConfig, args: argparse.Namespace) -> None:
-    """Every stage in order for each seed; complete stages are skipped, interrupted ones resume."""
+    """Every stage in order for each seed; complete stages are skipped, interrupted ones resume.
+    Then the results table and the figures of the complete stages."""
+    from hrl.analysis.figures import write_figures  # matplotlib: only this command needs it
+
     for seed in args.seeds:
         seeded = dataclasses.replace(config, run=dataclasses.replace(config.run, seed=seed))
         for stage in PIPELINE_STAGES:
             stage(seeded, args.runs_dir)
     table = write_results_table(config, args.runs_dir, args.seeds)
-    print(f"pipeline: done; results in {table}")
+    figures = write_figures(args.runs_dir, config.run.experiment, args.seeds)
+    print(f"pipeline: done; results in {table}" + "".join(f", {figure}" for figure in figures))
 
 
 def pretrain_command(config: ExperimentConfig, args: argparse.Namespace) -> None:
     run_pretrain(config, args.runs_dir, overwrite=args.overwrite)
+
+
+def probe_command(config: ExperimentConfig, args: argparse.Namespace) -> None:
+    run_probe(config, args.runs_dir, overwrite=args.overwrite)
+
+
+def controllers_command(config: ExperimentConfig, args: argparse.Namespace) -> None:
+    run_controllers(config, args.runs_dir, overwrite=args.overwrite)
 
 
 def render_command(config: ExperimentConfig, args: argparse.Namespace) -> None:
@@ -113,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
         "behaviour-clone the expert with an MLP (stage 'bc'; runs 'collect' first if it is not complete)", [common, stage])
     add("pretrain", pretrain_command,
         "pretrain the base transformer on D and evaluate it closed-loop (stage 'pretrain')", [common, stage])
+    add("probe", probe_command,
+        "linear probes of the current subgoal on every layer of the frozen base model (stage 'probe')",
+        [common, stage])
+    add("controllers", controllers_command,
+        "supervised controllers per subgoal and controlled layer, chained on the post-training task "
+        "(stage 'controllers')", [common, stage])
     render = add("render", render_command, "draw one episode of the collected expert data as a GIF", [common])
     render.add_argument("--episode", type=int, default=0, help="episode index in the dataset (default: %(default)s)")
     render.add_argument("--clean", action="store_true", help="from D* (epsilon 0) instead of D")

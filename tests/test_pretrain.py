@@ -50,3 +50,15 @@ def test_closed_loop_evaluation_reports_rates(dataset):
     for task in ("any_pretrain", "posttrain"):
         assert 0.0 <= metrics[f"{task}/success_rate"] <= 1.0
         assert 1.0 <= metrics[f"{task}/length"] <= 100.0
+
+
+def test_padding_after_the_longest_episode_changes_no_loss(dataset):
+    model = pretrain.init(jax.random.key(6), pretrain.PretrainConfig(), MODEL, 637, 4).module()
+    solved = np.flatnonzero(dataset.success)[:8]
+    obs, actions, mask = dataset.obs[solved], dataset.actions[solved], dataset.mask[solved]
+    longest = int(dataset.lengths[solved].max())
+    assert longest < dataset.horizon  # the crop does something
+    full = pretrain.losses(model, jnp.asarray(obs), jnp.asarray(actions), jnp.asarray(mask))
+    cropped = pretrain.losses(model, *(jnp.asarray(x[:, :longest]) for x in (obs, actions, mask)))
+    for name in full:
+        np.testing.assert_allclose(cropped[name], full[name], rtol=1e-5)

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -92,7 +93,10 @@ def losses(model: Transformer, obs: jax.Array, actions: jax.Array, mask: jax.Arr
 
 def make_train_chunk(cfg: PretrainConfig, dataset: Any) -> Callable[[TrainState], tuple[TrainState, dict]]:
     """A jitted `train_chunk(state) -> (state, metrics)` of `cfg.updates_per_chunk` updates on D."""
-    obs, actions, mask = jnp.asarray(dataset.obs), jnp.asarray(dataset.actions), jnp.asarray(dataset.mask)
+    # Steps after the longest episode are padding in every episode: dropping them changes no loss
+    # (attention is causal, padded steps are masked) and saves compute, attention's above all.
+    longest = int(np.max(dataset.lengths))
+    obs, actions, mask = (jnp.asarray(np.asarray(x)[:, :longest]) for x in (dataset.obs, dataset.actions, dataset.mask))
     optimizer = make_optimizer(cfg)
 
     def loss_fn(params, graphdef, batch):

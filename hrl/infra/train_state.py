@@ -31,3 +31,10 @@ class TrainState:
 def adamw(learning_rate: float, weight_decay: float, max_grad_norm: float) -> optax.GradientTransformation:
     """AdamW after clipping the global gradient norm: the optimiser of every supervised phase."""
     return optax.chain(optax.clip_by_global_norm(max_grad_norm), optax.adamw(learning_rate, weight_decay=weight_decay))
+
+
+def independent_along_leading_axis(optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`optimizer` applied to each slice along the leading axis of every parameter on its own,
+    gradient clipping included: several independent models trained side by side in one update
+    (one probe per layer, one controller set per layer), each exactly as if trained alone."""
+    return optax.GradientTransformation(jax.vmap(optimizer.init), jax.vmap(optimizer.update))

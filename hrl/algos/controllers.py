@@ -1,0 +1,232 @@
+"""Supervised controllers: can the frozen base model be steered to a subgoal through its residual stream?
+
+For a controlled layer l, one linear controller U_g per ground-truth subgoal g acts as
+e_l <- e_l + U_g e_l, and blocks l+1..L run on the result. The controllers are trained on the clean
+expert data D* by action NLL, each step steered by the controller of that step's ground-truth
+subgoal, with the base model frozen (closed over as a constant: its parameters are not in the train
+state). U = A B^T of rank r (paper, grid: r = 16) or a full matrix (paper, ant); B starts at zero,
+so U starts at exactly zero and training starts from the base model.
+
+Then they are chained on the post-training task, closed-loop: at every step the controller of the
+subgoal the environment currently reports acts, so the controller switches as soon as the
+environment reports a subgoal done. Paper (Fig. 4): high post-training success, best mid-depth,
+while the unsteered base model (evaluated on the same episodes as the reference) rarely succeeds.
+
+One controller set per controlled layer; all sets of the sweep train side by side in one update
+(the base's lower blocks run once for all of them), each with its own optimiser state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from envs.base import Env
+from hrl.infra.config import check
+from hrl.infra.train_state import TrainState, adamw, independent_along_leading_axis
+from hrl.models import rollout
+from hrl.models.transformer import Transformer
+
+Steer = Callable[[jax.Array, jax.Array], jax.Array]  # (e, subgoal) -> steered e
+
+
+@dataclasses.dataclass
+class ControllerConfig:
+    """Paper: rank-16 U in the grid (a full U for the ant); Fig. 4 sweeps the controlled layer, and
+    the later phases control layer L/2. The paper gives no training settings for these
+    controllers: ours are the metacontroller's optimiser (AdamW lr 1e-3, weight decay 0.03)."""
+
+    rank: int | None = 16  # U = A B^T of this rank; 0 or None: a full width x width U
+    layers: tuple[int, ...] = ()  # the controlled layers of the sweep; empty: every layer 0..L
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.03
+    max_grad_norm: float = 1.0
+    batch_size: int = 64  # episodes of D* per update
+    num_updates: int = 2000
+    updates_per_chunk: int = 100
+    eval_episodes: int = 256  # post-training episodes per controlled layer, on fixed layouts
+
+    def validate(self) -> None:
+        for name in ("learning_rate", "max_grad_norm", "batch_size", "num_updates", "updates_per_chunk", "eval_episodes"):
+            check(getattr(self, name) > 0, name, "must be > 0", getattr(self, name))
+        check(self.weight_decay >= 0, "weight_decay", "must be >= 0", self.weight_decay)
+        check(self.rank is None or self.rank >= 0, "rank", "must be >= 0 (0: full matrix)", self.rank)
+        check(len(set(self.layers)) == len(self.layers) and all(layer >= 0 for layer in self.layers), "layers",
+              "must be distinct layer indices >= 0", self.layers)
+        check(self.num_updates % self.updates_per_chunk == 0, "num_updates",
+              f"must be a multiple of updates_per_chunk ({self.updates_per_chunk})", self.num_updates)
+
+    @property
+    def num_chunks(self) -> int:
+        return self.num_updates // self.updates_per_chunk
+
+    def swept_layers(self, num_layers: int) -> tuple[int, ...]:
+        return tuple(self.layers) or tuple(range(num_layers + 1))
+
+
+class LinearControllers(nnx.Module):
+    """Per controlled layer (leading axis of every weight), one linear controller U_g per subgoal g."""
+
+    def __init__(self, num_sets: int, num_subgoals: int, width: int, rank: int | None, rngs: nnx.Rngs):
+        shape = (num_sets, num_subgoals, width)
+        if rank:
+            # U = A B^T with B = 0: U is exactly zero at the start. A is random (fan-in scale of the
+            # rank -> width map), otherwise B's gradient, A^T dL/de times e, would be zero too.
+            self.a = nnx.Param(jax.random.normal(rngs.params(), (*shape, rank)) / math.sqrt(rank))
+            self.b = nnx.Param(jnp.zeros((*shape, rank)))
+            self.u = None
+        else:
+            self.a = self.b = None
+            self.u = nnx.Param(jnp.zeros((*shape, width)))  # [set, subgoal, out, in]
+
+    def steer(self, index: int, e: jax.Array, subgoal: jax.Array) -> jax.Array:
+        """e + U_g e with set `index`'s controller of subgoal g (an int array broadcastable to
+        e.shape[:-1]). A subgoal of -1 (none left) selects no controller: e passes unchanged."""
+        if self.u is not None:
+            per_subgoal = jnp.einsum("...w,gvw->...gv", e, self.u[index])
+        else:
+            read = jnp.einsum("...w,gwr->...gr", e, self.b[index])  # B_g^T e for every g
+            per_subgoal = jnp.einsum("...gr,gvr->...gv", read, self.a[index])
+        chosen = jax.nn.one_hot(jnp.broadcast_to(subgoal, e.shape[:-1]), per_subgoal.shape[-2], dtype=e.dtype)
+        return e + jnp.einsum("...gv,...g->...v", per_subgoal, chosen)
+
+
+def make_optimizer(cfg: ControllerConfig) -> optax.GradientTransformation:
+    return independent_along_leading_axis(adamw(cfg.learning_rate, cfg.weight_decay, cfg.max_grad_norm))
+
+
+def init(key: jax.Array, cfg: ControllerConfig, base: Transformer, num_sets: int, num_subgoals: int) -> TrainState:
+    """`num_sets` controller sets (one per controlled layer) for `base`; the state holds only them."""
+    init_key, train_key = jax.random.split(key)
+    controllers = LinearControllers(num_sets, num_subgoals, base.cfg.width, cfg.rank, nnx.Rngs(params=init_key))
+    return TrainState.create(controllers, make_optimizer(cfg), train_key)
+
+
+def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+    return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1)
+
+
+def steered_action_logits(base: Transformer, controllers: LinearControllers, layers: tuple[int, ...],
+                          residuals: jax.Array, subgoals: jax.Array) -> list[jax.Array]:
+    """The base model's action logits with set i steering layer layers[i], for every i, given the
+    unsteered residuals [L + 1, B, T, width] (the blocks below a controlled layer are unchanged)."""
+    return [base.upper(controllers.steer(index, residuals[layer], subgoals), layer).action_logits
+            for index, layer in enumerate(layers)]
+
+
+def make_train_chunk(cfg: ControllerConfig, base: Transformer, layers: tuple[int, ...], dataset: Any
+                     ) -> Callable[[TrainState], tuple[TrainState, dict]]:
+    """A jitted `train_chunk(state) -> (state, metrics)` of `cfg.updates_per_chunk` updates on D*:
+    `action_nll/layer_l` and `action_accuracy/layer_l` per controlled layer, and the unsteered
+    base model's `base_action_nll` on the same batches for reference."""
+    obs, actions = jnp.asarray(dataset.obs), jnp.asarray(dataset.actions)
+    subgoals, mask = jnp.asarray(dataset.subgoals), jnp.asarray(dataset.mask)
+    optimizer = make_optimizer(cfg)
+
+    def loss_fn(params, graphdef, residuals, actions, subgoals, mask):
+        all_logits = steered_action_logits(base, nnx.merge(graphdef, params), layers, residuals, subgoals)
+        nll = jnp.stack([masked_mean(optax.softmax_cross_entropy_with_integer_labels(logits, actions), mask)
+                         for logits in all_logits])
+        accuracy = jnp.stack([masked_mean(jnp.argmax(logits, -1) == actions, mask) for logits in all_logits])
+        return jnp.sum(nll), (nll, accuracy)  # the sets share no parameter: each gets its own gradient
+
+    def update(state: TrainState, _):
+        key, batch_key = jax.random.split(state.key)
+        episodes = jax.random.randint(batch_key, (cfg.batch_size,), 0, obs.shape[0])
+        batch_actions, batch_mask = actions[episodes], mask[episodes]
+        unsteered = base(obs[episodes])  # outside the differentiated function: the base is frozen
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (_, (nll, accuracy)), grads = grad_fn(state.params, state.graphdef, unsteered.residuals, batch_actions,
+                                              subgoals[episodes], batch_mask)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        base_nll = masked_mean(optax.softmax_cross_entropy_with_integer_labels(unsteered.action_logits, batch_actions),
+                               batch_mask)
+        return state.replace(params=params, opt_state=opt_state, key=key), (nll, accuracy, base_nll)
+
+    @jax.jit
+    def train_chunk(state: TrainState):
+        state, (nll, accuracy, base_nll) = jax.lax.scan(update, state, length=cfg.updates_per_chunk)
+        metrics = {"base_action_nll": base_nll.mean()}
+        for index, layer in enumerate(layers):
+            metrics[f"action_nll/layer_{layer}"] = nll[:, index].mean()
+            metrics[f"action_accuracy/layer_{layer}"] = accuracy[:, index].mean()
+        return state, metrics
+
+    return train_chunk
+
+
+class SteeredEpisode(NamedTuple):
+    success: jax.Array  # bool
+    progress: jax.Array  # colours correctly visited when the episode ended
+    length: jax.Array  # steps taken
+    actions: jax.Array  # [max_steps]; entries after the end are discarded steps
+    subgoals: jax.Array  # [max_steps] the subgoal whose controller steered each step
+
+
+def run_steered_episode(model: Any, env: Env, env_params: Any, key: jax.Array, steer: Steer, layer: int) -> SteeredEpisode:
+    """One closed-loop episode, decoded incrementally, actions sampled from the steered model.
+
+    Step t is steered by `steer(e_layer, g_t)` where g_t is the current ground-truth subgoal:
+    `env.subgoal` after the reset for the first step, then `info["subgoal"]` of the previous
+    step, so the controller switches right after the step that completes a subgoal. The keys are
+    used as in `rollout.run_episode`: with zero controllers the episode is the base model's.
+    """
+    key_reset, key_steps = jax.random.split(key)
+    obs, state = env.reset(key_reset, env_params)
+
+    def step(carry, key):
+        obs, state, subgoal, cache, done, success, progress, length = carry
+        key_act, key_env = jax.random.split(key)
+        out, cache, _ = model.step(cache, obs, lambda e: steer(e, subgoal), layer)
+        action = jax.random.categorical(key_act, out.action_logits)
+        obs, new_state, _, terminated, truncated, info = env.step(key_env, state, action, env_params)
+        # Freeze the episode's results once it has ended; later steps are discarded.
+        state = jax.tree.map(lambda old, new: jnp.where(done, old, new), state, new_state)
+        success = success | (~done & info["success"])
+        progress = jnp.where(done, progress, info["progress"])
+        length = length + (~done).astype(jnp.int32)
+        carry = (obs, state, info["subgoal"], cache, done | terminated | truncated, success, progress, length)
+        return carry, (action, subgoal)
+
+    init = (obs, state, env.subgoal(state, env_params), model.init_cache(), jnp.bool_(False), jnp.bool_(False),
+            jnp.int32(0), jnp.int32(0))
+    (*_, success, progress, length), (actions, subgoals) = jax.lax.scan(
+        step, init, jax.random.split(key_steps, env.max_steps))
+    return SteeredEpisode(success, progress, length, actions, subgoals)
+
+
+def make_evaluate(cfg: ControllerConfig, base: Transformer, layers: tuple[int, ...], env: Env, key: jax.Array
+                  ) -> Callable[[TrainState], dict]:
+    """A jitted `evaluate(state)`: the chained controllers on the post-training task, per controlled
+    layer: `posttrain_success/layer_l` and `posttrain_progress/layer_l`. The episode keys are fixed,
+    so every evaluation (and every layer) sees the same layouts."""
+    posttrain = env.posttrain_params()
+    keys = jax.random.split(key, cfg.eval_episodes)
+
+    @jax.jit
+    def evaluate(state: TrainState):
+        controllers = state.module()
+        metrics = {}
+        for index, layer in enumerate(layers):
+            steer = functools.partial(controllers.steer, index)
+            episodes = jax.vmap(lambda k: run_steered_episode(base, env, posttrain, k, steer, layer))(keys)
+            metrics[f"posttrain_success/layer_{layer}"] = jnp.mean(episodes.success)
+            metrics[f"posttrain_progress/layer_{layer}"] = jnp.mean(episodes.progress)
+        return metrics
+
+    return evaluate
+
+
+def evaluate_base(cfg: ControllerConfig, base: Transformer, env: Env, key: jax.Array) -> dict[str, float]:
+    """The unsteered base model on the same post-training episodes as `make_evaluate(..., key)`."""
+    keys = jax.random.split(key, cfg.eval_episodes)
+    metrics = jax.jit(lambda: rollout.evaluate(base, env, env.posttrain_params(), keys))()
+    return {name: float(value) for name, value in metrics.items()}

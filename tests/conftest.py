@@ -1,0 +1,41 @@
+"""Fixtures shared by the tests of the stages that read a pretrained base model (probe, controllers)."""
+
+import shutil
+
+import pytest
+
+from hrl.algos import pretrain
+from hrl.experiment import ExperimentConfig, run_pretrain
+from hrl.infra.config import load_config
+
+# Seconds on a CPU: short episodes, a one-block transformer, a few updates of each stage. epsilon 0
+# makes D and D* come from one expert, so that their collection compiles once.
+TINY_BASE = [
+    "run.experiment=tiny", "env.solvable_only=false", "env.horizon=40",
+    "collect.num_episodes=32", "collect.num_episodes_clean=16", "collect.episodes_per_batch=32",
+    "collect.epsilon=0.0",
+    "model.num_layers=1", "model.width=16", "model.num_heads=2", "model.mlp_width=32", "model.max_len=40",
+    "pretrain.num_updates=2", "pretrain.updates_per_chunk=2", "pretrain.eval_episodes=2",
+    "probe.batch_size=8", "probe.num_updates=4", "probe.updates_per_chunk=2",
+    "controllers.batch_size=8", "controllers.num_updates=4", "controllers.updates_per_chunk=2",
+    "controllers.eval_episodes=4", "loop.progress=false",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def pretrained_runs(tmp_path_factory):
+    """(runs directory whose collect and pretrain stages are complete, the overrides that made it)."""
+    runs = tmp_path_factory.mktemp("pretrained")
+    with pytest.MonkeyPatch.context() as patch:
+        # Pretraining's closed-loop evaluation (tested in test_pretrain.py) would double the time.
+        patch.setattr(pretrain, "make_evaluate", lambda *args, **kwargs: lambda state: {})
+        run_pretrain(load_config(ExperimentConfig, "gridworld/quick", TINY_BASE), runs)  # collects first
+    return runs, list(TINY_BASE)
+
+
+@pytest.fixture
+def runs_copy(pretrained_runs, tmp_path):
+    """A private copy of the pretrained runs directory, for tests that add stages to it."""
+    runs, tiny = pretrained_runs
+    shutil.copytree(runs, tmp_path / "runs")
+    return tmp_path / "runs", tiny

@@ -1,0 +1,144 @@
+"""Supervised controllers: they learn, start as the base model bitwise, switch with the subgoal, and
+the stage runs through the CLI and makes its figure."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from envs.grid_pinpad import GridPinpad
+from hrl import cli
+from hrl.algos import controllers
+from hrl.analysis.figures import write_figures
+from hrl.data.expert import load_dataset
+from hrl.experiment import EXPERT_DATA_CLEAN, ExperimentConfig, load_base_model
+from hrl.infra.config import load_config
+from hrl.infra.rundir import RunDir
+from hrl.models import rollout
+from hrl.models.transformer import Output
+
+ENV = GridPinpad(horizon=40)  # the tiny pipeline's environment (uniform layouts, horizon 40)
+NUM_SUBGOALS = 4
+
+
+@pytest.fixture(scope="module")
+def clean_data(pretrained_runs):
+    runs, _ = pretrained_runs
+    return load_dataset(runs / "tiny" / "collect" / "seed_0" / EXPERT_DATA_CLEAN)
+
+
+@pytest.fixture(scope="module")
+def base(pretrained_runs):
+    runs, tiny = pretrained_runs
+    return load_base_model(load_config(ExperimentConfig, "gridworld/quick", tiny), runs).module()
+
+
+def host_copy(tree):
+    return jax.tree.map(np.array, tree)
+
+
+def test_controllers_learn_and_leave_the_base_model_bitwise_unchanged(clean_data, base):
+    before = host_copy(nnx.state(base))
+    cfg = controllers.ControllerConfig(learning_rate=1e-2, batch_size=8, num_updates=40, updates_per_chunk=10)
+    layers = cfg.swept_layers(base.num_layers)
+    assert layers == (0, 1)
+    state = controllers.init(jax.random.key(2), cfg, base, len(layers), NUM_SUBGOALS)
+    # The train state holds the controllers alone (A, B: [layers, subgoals, width, rank]).
+    assert {leaf.shape for leaf in jax.tree.leaves(state.params)} == {(2, 4, 16, 16)}
+    assert {leaf.shape for leaf in jax.tree.leaves(state.opt_state)} <= {(2, 4, 16, 16), (2,)}
+
+    train_chunk = controllers.make_train_chunk(cfg, base, layers, clean_data)
+    history = []
+    for _ in range(cfg.num_chunks):
+        state, metrics = train_chunk(state)
+        history.append(jax.device_get(metrics))
+    for layer in layers:
+        assert history[-1][f"action_nll/layer_{layer}"] < history[0][f"action_nll/layer_{layer}"]
+        assert history[-1][f"action_nll/layer_{layer}"] < 0.95 * history[-1]["base_action_nll"]
+    jax.tree.map(np.testing.assert_array_equal, host_copy(nnx.state(base)), before)
+
+
+@pytest.mark.parametrize("rank", [16, 0])
+def test_fresh_controllers_are_bitwise_the_base_model(clean_data, base, rank):
+    cfg = controllers.ControllerConfig(rank=rank)
+    fresh = controllers.init(jax.random.key(3), cfg, base, 2, NUM_SUBGOALS).module()
+    obs, subgoals = clean_data.obs[:4], clean_data.subgoals[:4]
+
+    @jax.jit
+    def unsteered_and_steered():
+        unsteered = base(obs)
+        return unsteered.action_logits, controllers.steered_action_logits(base, fresh, (0, 1), unsteered.residuals, subgoals)
+
+    unsteered, steered = unsteered_and_steered()
+    for logits in steered:
+        np.testing.assert_array_equal(logits, unsteered)
+
+
+def test_fresh_controllers_give_the_base_models_closed_loop_episodes(base):
+    fresh = controllers.init(jax.random.key(4), controllers.ControllerConfig(), base, 2, NUM_SUBGOALS).module()
+    posttrain, keys = ENV.posttrain_params(), jax.random.split(jax.random.key(5), 8)
+    steer = functools.partial(fresh.steer, 1)
+    steered = jax.jit(jax.vmap(lambda k: controllers.run_steered_episode(base, ENV, posttrain, k, steer, 1)))(keys)
+    unsteered = jax.jit(jax.vmap(lambda k: rollout.run_episode(base, ENV, posttrain, k)))(keys)
+    for field in ("success", "progress", "length"):
+        np.testing.assert_array_equal(getattr(steered, field), getattr(unsteered, field))
+
+
+# A scripted check of the switching: an environment whose subgoal follows a fixed schedule, and a
+# "model" whose action is whichever of 4 entries the intervention raised in an all-ones residual.
+SCHEDULE = jnp.array([2, 2, 0, 0, 0, 3, 1, 1, 1])  # subgoal at time t: reset, then after each step
+
+
+class ScheduledSubgoalEnv:
+    max_steps = 8
+
+    def reset(self, key, params):
+        return jnp.zeros(1), jnp.int32(0)  # the state is the time step
+
+    def subgoal(self, t, params):
+        return SCHEDULE[t]
+
+    def step(self, key, t, action, params):
+        info = {"success": jnp.bool_(False), "progress": jnp.int32(0), "subgoal": SCHEDULE[t + 1]}
+        return jnp.zeros(1), t + 1, 0.0, jnp.bool_(False), t + 1 >= self.max_steps, info
+
+
+class ActsOnRaisedEntry:
+    def init_cache(self):
+        return {}
+
+    def step(self, cache, obs, intervention, layer):
+        e = intervention(jnp.ones((1, 4)))
+        return Output(action_logits=100.0 * e[0], obs_logits=obs), cache, e[0]
+
+
+def test_the_steered_episode_applies_the_controller_of_the_current_subgoal():
+    steering = controllers.LinearControllers(1, NUM_SUBGOALS, 4, rank=0, rngs=nnx.Rngs(0))
+    goals = jnp.arange(NUM_SUBGOALS)
+    steering.u[...] = jnp.zeros((1, 4, 4, 4)).at[0, goals, goals, 0].set(1.0)  # U_g e raises entry g
+    episode = controllers.run_steered_episode(
+        ActsOnRaisedEntry(), ScheduledSubgoalEnv(), None, jax.random.key(0), functools.partial(steering.steer, 0), 0
+    )
+    np.testing.assert_array_equal(episode.subgoals, SCHEDULE[:8])  # the first from the reset state
+    np.testing.assert_array_equal(episode.actions, SCHEDULE[:8])  # each step steered by its subgoal's U_g
+    assert int(episode.length) == 8
+
+
+def test_controllers_stage_through_the_cli_and_the_figures(runs_copy, capsys):
+    runs, tiny = runs_copy
+    assert cli.main(["controllers", "--runs-dir", str(runs), *tiny, "controllers.layers=[1]"]) == 0
+    summary = RunDir(runs / "tiny" / "controllers" / "seed_0").summary()
+    assert set(summary["posttrain_success_by_layer"]) == {"1"}
+    assert all(0 <= value <= 1 for value in summary["posttrain_success_by_layer"].values())
+    assert 0 <= summary["base_posttrain_success"] <= 1
+    assert "controllers: done" in capsys.readouterr().out
+
+    figures = write_figures(runs, "tiny", [0, 1])  # no probe run here, and no seed 1: left out with notes
+    assert figures == [runs / "tiny" / "figures" / "controller_layer_sweep.png"]
+    assert figures[0].stat().st_size > 0
+    notes = capsys.readouterr().out
+    assert "probe_accuracy_figure skipped: no complete 'probe' run" in notes
+    assert "'controllers' is not complete for seeds [1]" in notes
