@@ -63,18 +63,13 @@ def test_controllers_learn_and_leave_the_base_model_bitwise_unchanged(clean_data
 
 @pytest.mark.parametrize("rank", [16, 0])
 def test_fresh_controllers_are_bitwise_the_base_model(clean_data, base, rank):
+    # Op by op, as in test_transformer.py: two differently fused jitted programs may round differently.
     cfg = controllers.ControllerConfig(rank=rank)
     fresh = controllers.init(jax.random.key(3), cfg, base, 2, NUM_SUBGOALS).module()
     obs, subgoals = clean_data.obs[:4], clean_data.subgoals[:4]
-
-    @jax.jit
-    def unsteered_and_steered():
-        unsteered = base(obs)
-        return unsteered.action_logits, controllers.steered_action_logits(base, fresh, (0, 1), unsteered.residuals, subgoals)
-
-    unsteered, steered = unsteered_and_steered()
-    for logits in steered:
-        np.testing.assert_array_equal(logits, unsteered)
+    unsteered = base(obs)
+    for logits in controllers.steered_action_logits(base, fresh, (0, 1), unsteered.residuals, subgoals):
+        np.testing.assert_array_equal(logits, unsteered.action_logits)
 
 
 def test_fresh_controllers_give_the_base_models_closed_loop_episodes(base):
