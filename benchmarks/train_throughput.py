@@ -1,7 +1,8 @@
 """Training throughput of the base-model pretraining update, against the machine's matmul peak.
 
 Protocol: build the pretraining `train_chunk` of a preset's model and batch size (a jitted
-`lax.scan` of `--updates` AdamW updates on a synthetic expert-like dataset of the same shapes),
+`lax.scan` of `--updates` AdamW updates on a synthetic expert-like dataset of the same shapes,
+every episode as long as the horizon, so no padding is cropped: the worst case),
 time its first call (compile + run) apart from the best of `--repeats` later calls, and report
 tokens/s (episodes x time steps per update / time per update). The FLOPs of one update come
 from XLA's own cost analysis of the compiled program; the fraction of peak divides the achieved
@@ -24,7 +25,7 @@ from flax import nnx
 
 from hrl.algos import pretrain
 from hrl.data.expert import Dataset
-from hrl.experiment import ExperimentConfig
+from hrl.experiment import ExperimentConfig, init_pretrain_state
 from hrl.infra.config import load_config
 
 
@@ -66,11 +67,11 @@ def gradient_flops(state, cfg, dataset: Dataset) -> float:
     body once, whatever its trip count."""
     batch = [jnp.asarray(x[: cfg.batch_size]) for x in (dataset.obs, dataset.actions, dataset.mask)]
 
-    def loss(params):
-        terms = pretrain.losses(nnx.merge(state.graphdef, params), *batch)
+    def loss(params, obs, actions, mask):
+        terms = pretrain.losses(nnx.merge(state.graphdef, params), obs, actions, mask)
         return terms["action_nll"] + cfg.obs_loss_weight * terms["obs_nll"]
 
-    analysis = jax.jit(jax.grad(loss)).lower(state.params).compile().cost_analysis()
+    analysis = jax.jit(jax.grad(loss)).lower(state.params, *batch).compile().cost_analysis()
     analysis = analysis[0] if isinstance(analysis, list) else analysis
     return float(analysis["flops"])
 
@@ -81,8 +82,8 @@ def measure(preset: str, updates: int, repeats: int) -> dict:
     env = config.env.make()
     cfg = config.pretrain
     dataset = synthetic_dataset(max(cfg.batch_size, 256), env.max_steps, env.observation_space.shape[0])
-    state = pretrain.init(jax.random.key(0), cfg, config.model, env.observation_space.shape[0], env.action_space.n)
-    train_chunk = pretrain.make_train_chunk(cfg, dataset)
+    state = init_pretrain_state(config, env, jax.random.key(0))
+    train_chunk = pretrain.make_train_chunk(cfg, pretrain.dataset_batches(dataset, cfg.batch_size))
 
     start = time.perf_counter()
     compiled = train_chunk.lower(state).compile()

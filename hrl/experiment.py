@@ -165,22 +165,35 @@ def run_bc(config: ExperimentConfig, runs_dir: str | Path, overwrite: bool = Fal
     return run
 
 
+def init_pretrain_state(config: ExperimentConfig, env: envs.Env, key: jax.Array) -> TrainState:
+    """The base model's initial train state, sized for `env` (observation, actions, grid shape)."""
+    return pretrain.init(key, config.pretrain, config.model, env.observation_space.shape[0], env.action_space.n,
+                         getattr(env, "grid_shape", None))
+
+
+def pretrain_batches(config: ExperimentConfig, runs_dir: str | Path, env: envs.Env):
+    """Pretraining's batch sampler: from the collected D, or fresh episodes of D's expert."""
+    cfg = config.pretrain
+    if cfg.data == "online":
+        expert_policy = make_expert(env, config.collect.epsilon)
+        return pretrain.online_batches(env, env.pretrain_params(), expert_policy, cfg.batch_size)
+    dataset = expert.load_dataset(run_collect(config, runs_dir).path / EXPERT_DATA)
+    return pretrain.dataset_batches(dataset, cfg.batch_size)
+
+
 def run_pretrain(config: ExperimentConfig, runs_dir: str | Path, overwrite: bool = False) -> RunDir:
     """Pretrain the base transformer on D; evaluate it closed-loop in the environment."""
     run = stage_run_dir(config, runs_dir, "pretrain", overwrite)
     if run.is_complete:
         print(f"pretrain: complete, skipped ({run.path})")
         return run
-    dataset = expert.load_dataset(run_collect(config, runs_dir).path / EXPERT_DATA)
     env = config.env.make()
     init_key, eval_key = jax.random.split(stage_key(config, "pretrain"))
     cfg = config.pretrain
-    initial = pretrain.init(init_key, cfg, config.model, env.observation_space.shape[0], env.action_space.n,
-                            getattr(env, "grid_shape", None))
     result = run_training(
         run,
-        initial,
-        pretrain.make_train_chunk(cfg, dataset),
+        init_pretrain_state(config, env, init_key),
+        pretrain.make_train_chunk(cfg, pretrain_batches(config, runs_dir, env)),
         cfg.num_chunks,
         steps_per_chunk=cfg.updates_per_chunk,
         loop=config.loop,
@@ -199,9 +212,7 @@ def load_base_model(config: ExperimentConfig, runs_dir: str | Path) -> TrainStat
 
     run = run_pretrain(config, runs_dir)
     env = config.env.make()
-    like = jax.eval_shape(lambda: pretrain.init(jax.random.key(0), config.pretrain, config.model,
-                                                env.observation_space.shape[0], env.action_space.n,
-                                                getattr(env, "grid_shape", None)))
+    like = jax.eval_shape(lambda: init_pretrain_state(config, env, jax.random.key(0)))
     with Checkpointer(run.checkpoint_dir) as checkpointer:
         restored = checkpointer.restore_latest(like)
     if restored is None:
