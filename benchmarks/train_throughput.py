@@ -65,10 +65,11 @@ def gradient_flops(state, cfg, dataset: Dataset) -> float:
     """FLOPs of one update's loss and gradient, by XLA's cost analysis (the optimiser's few
     element-wise FLOPs are left out). Counted outside the scan: XLA's analysis counts a loop's
     body once, whatever its trip count."""
-    batch = [jnp.asarray(x[: cfg.batch_size]) for x in (dataset.obs, dataset.actions, dataset.mask)]
+    obs, actions, mask = (jnp.asarray(x[: cfg.batch_size]) for x in (dataset.obs, dataset.actions, dataset.mask))
+    batch = (obs, jax.nn.one_hot(actions, 4), mask)
 
-    def loss(params, obs, actions, mask):
-        terms = pretrain.losses(nnx.merge(state.graphdef, params), obs, actions, mask)
+    def loss(params, obs, targets, mask):
+        terms = pretrain.losses(nnx.merge(state.graphdef, params), obs, targets, mask)
         return terms["action_nll"] + cfg.obs_loss_weight * terms["obs_nll"]
 
     analysis = jax.jit(jax.grad(loss)).lower(state.params, *batch).compile().cost_analysis()
@@ -83,7 +84,7 @@ def measure(preset: str, updates: int, repeats: int) -> dict:
     cfg = config.pretrain
     dataset = synthetic_dataset(max(cfg.batch_size, 256), env.max_steps, env.observation_space.shape[0])
     state = init_pretrain_state(config, env, jax.random.key(0))
-    train_chunk = pretrain.make_train_chunk(cfg, pretrain.dataset_batches(dataset, cfg.batch_size))
+    train_chunk = pretrain.make_train_chunk(cfg, pretrain.dataset_batches(dataset, cfg.batch_size, env.action_space.n))
 
     start = time.perf_counter()
     compiled = train_chunk.lower(state).compile()

@@ -19,12 +19,11 @@ import jax.numpy as jnp
 from envs import pinpad
 from envs.grid_pinpad import UNREACHABLE, GridState, distances_to, move, obstacles
 
-def shortest_path_action(
-    key: jax.Array, state: GridState, params: pinpad.PinpadParams, epsilon: float | jax.Array = 0.0
-) -> tuple[jax.Array, jax.Array]:
-    """Returns (action, reachable). The target is the next colour of the first task still alive
-    (the drawn task, unless params.any_task)."""
-    key_noise, key_optimal, key_random = jax.random.split(key, 3)
+
+def optimal_moves(state: GridState, params: pinpad.PinpadParams) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Returns (optimal [4] bool, safe [4] bool, reachable): the moves on a shortest path to the
+    next colour of the first task still alive (the drawn task, unless params.any_task), and the
+    moves that do not step onto a wrong colour."""
     target_colour = pinpad.next_colour(params.tasks, state.alive, state.progress)
     blocked = obstacles(state, target_colour)
     dist = distances_to(state.colour_cells[target_colour], blocked)
@@ -33,18 +32,35 @@ def shortest_path_action(
     moves_away = destinations != state.agent
     # Bumping into a wall or the border is safe (the agent stays); stepping onto a wrong colour is not.
     safe = ~moves_away | ~blocked[destinations]
+    safe = jnp.where(jnp.any(safe), safe, True)  # boxed in by wrong colours: every move fails
     move_dist = jnp.where(moves_away, dist[destinations], UNREACHABLE)
     best = jnp.min(move_dist)
     reachable = best < UNREACHABLE
-    optimal = (move_dist == best) & reachable
+    return (move_dist == best) & reachable, safe, reachable
+
+
+def shortest_path_action(
+    key: jax.Array, state: GridState, params: pinpad.PinpadParams, epsilon: float | jax.Array = 0.0
+) -> tuple[jax.Array, jax.Array]:
+    """Returns (action, reachable): uniform among the optimal moves, or with probability
+    `epsilon` (always, when the target is unreachable) uniform among the safe moves."""
+    key_noise, key_optimal, key_random = jax.random.split(key, 3)
+    optimal, safe, reachable = optimal_moves(state, params)
 
     def uniform_among(k, allowed):
         return jax.random.categorical(k, jnp.where(allowed, 0.0, -jnp.inf))
 
     noisy = ~reachable | (jax.random.uniform(key_noise) < epsilon)
-    safe = jnp.where(jnp.any(safe), safe, True)  # boxed in by wrong colours: every move fails
     action = jnp.where(noisy, uniform_among(key_random, safe), uniform_among(key_optimal, optimal))
     return action.astype(jnp.int32), reachable
+
+
+def expert_probabilities(state: GridState, params: pinpad.PinpadParams) -> jax.Array:
+    """[4] the noise-free expert's action distribution: uniform over the optimal moves (over the
+    safe moves where the target is unreachable)."""
+    optimal, safe, reachable = optimal_moves(state, params)
+    allowed = jnp.where(reachable, optimal, safe).astype(jnp.float32)
+    return allowed / jnp.sum(allowed)
 
 
 @functools.lru_cache(maxsize=None)
@@ -53,4 +69,12 @@ def make_expert(env, epsilon: float = 0.0):
     jitted functions taking it as a static argument compile once per (env, epsilon)."""
     if env.name == "GridPinpad-v0":
         return lambda key, state, params: shortest_path_action(key, state, params, epsilon)[0]
+    raise ValueError(f"no expert for environment {env.name!r}")
+
+
+def make_expert_probabilities(env):
+    """The noise-free expert's action distribution as `(state, params) -> probs`: the labels of
+    pretraining on states visited by a noisy expert (see hrl.algos.pretrain)."""
+    if env.name == "GridPinpad-v0":
+        return expert_probabilities
     raise ValueError(f"no expert for environment {env.name!r}")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from envs import pinpad
-from envs.experts import shortest_path_action
+from envs.experts import expert_probabilities, shortest_path_action
 from envs.grid_pinpad import GridPinpad, GridState, task_is_solvable
 
 KEY = jax.random.key(1)
@@ -89,6 +89,7 @@ def test_expert_is_uniform_among_optimal_moves():
     assert counts[0] == counts[3] == 0
     assert 1800 < counts[1] < 2200 and 1800 < counts[2] < 2200
     assert bool(jnp.all(reachable))
+    np.testing.assert_array_equal(expert_probabilities(state, params), [0.0, 0.5, 0.5, 0.0])
 
 
 def test_expert_reports_an_unreachable_target():
@@ -98,4 +99,6 @@ def test_expert_reports_an_unreachable_target():
     state = state.replace(wall_cells=jnp.asarray([1, 7, 36, 37], jnp.int32))  # ... walled in
     _, reachable = shortest_path_action(KEY, state, params)
     assert not bool(reachable)
+    # Then the expert's distribution is uniform over the safe moves (here: all, as no colour is adjacent).
+    np.testing.assert_array_equal(expert_probabilities(state, params), [0.25] * 4)
     assert not bool(task_is_solvable(state, params, env.horizon))

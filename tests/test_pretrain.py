@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from envs.experts import make_expert
+from envs.experts import make_expert, make_expert_probabilities
 from envs.grid_pinpad import GridPinpad
 from hrl.algos import pretrain
 from hrl.data.expert import collect
@@ -25,7 +25,7 @@ def dataset():
 def test_losses_fall_on_a_tiny_run(dataset):
     cfg = pretrain.PretrainConfig(learning_rate=3e-3, batch_size=16, num_updates=200, updates_per_chunk=40)
     state = pretrain.init(jax.random.key(1), cfg, MODEL, 637, 4)
-    train_chunk = pretrain.make_train_chunk(cfg, pretrain.dataset_batches(dataset, cfg.batch_size))
+    train_chunk = pretrain.make_train_chunk(cfg, pretrain.dataset_batches(dataset, cfg.batch_size, 4))
     history = []
     for _ in range(cfg.num_chunks):
         state, metrics = train_chunk(state)
@@ -37,8 +37,9 @@ def test_losses_fall_on_a_tiny_run(dataset):
 
 def test_online_batches_are_fresh_expert_episodes_and_train():
     sample = pretrain.online_batches(ENV, ENV.pretrain_params(), make_expert(ENV, 0.0), batch_size=16)
-    obs, actions, mask = jax.jit(sample)(jax.random.key(7))
-    assert obs.shape == (16, ENV.max_steps, 637) and actions.shape == mask.shape == (16, ENV.max_steps)
+    obs, targets, mask = jax.jit(sample)(jax.random.key(7))
+    assert obs.shape == (16, ENV.max_steps, 637) and targets.shape == (16, ENV.max_steps, 4)
+    assert mask.shape == (16, ENV.max_steps) and np.all(np.isin(targets, [0.0, 1.0])) and np.all(targets.sum(-1) == 1)
     # Each episode is a prefix of real steps, then padding; a second key gives other episodes.
     assert np.all(np.diff(np.asarray(mask).astype(int), axis=1) <= 0) and np.all(mask[:, 0])
     assert not np.array_equal(obs, jax.jit(sample)(jax.random.key(8))[0])
@@ -54,10 +55,32 @@ def test_online_batches_are_fresh_expert_episodes_and_train():
     assert history[-1]["action_accuracy"] > 0.35  # chance: 0.25
 
 
+def test_expert_labels_are_the_clean_experts_distribution_on_the_noisy_experts_states():
+    teacher = make_expert_probabilities(ENV)
+    noisy = pretrain.online_batches(ENV, ENV.pretrain_params(), make_expert(ENV, 0.5), 64, teacher)
+    obs, targets, mask = jax.device_get(jax.jit(noisy)(jax.random.key(9)))
+    np.testing.assert_allclose(targets[mask].sum(-1), 1.0, rtol=1e-6)
+    # Ties among optimal moves give soft targets; half of the moves are random, so the taken
+    # moves leave the expert's path and the episodes are longer than the clean expert's.
+    assert np.any((targets[mask] > 0) & (targets[mask] < 1))
+    clean = pretrain.online_batches(ENV, ENV.pretrain_params(), make_expert(ENV, 0.0), 64, teacher)
+    _, clean_targets, clean_mask = jax.device_get(jax.jit(clean)(jax.random.key(9)))
+    assert mask.sum(1).mean() > 1.2 * clean_mask.sum(1).mean()
+    # Dataset targets are the clean expert's own choices' support: the taken action is allowed.
+    taken = jax.device_get(jax.jit(pretrain.online_batches(ENV, ENV.pretrain_params(), make_expert(ENV, 0.0), 64))(
+        jax.random.key(9))[1])
+    assert np.all(clean_targets[clean_mask][taken[clean_mask].astype(bool)] > 0)
+
+
+def test_expert_labels_need_online_data():
+    with pytest.raises(ValueError, match="labels"):
+        pretrain.PretrainConfig(labels="expert").validate()
+
+
 def test_observation_loss_ignores_steps_without_a_next_observation():
     model = pretrain.init(jax.random.key(2), pretrain.PretrainConfig(), MODEL, 637, 4).module()
     obs = (jax.random.uniform(jax.random.key(3), (2, 6, 637)) < 0.05).astype(jnp.uint8)
-    actions = jnp.zeros((2, 6), jnp.int32)
+    actions = jax.nn.one_hot(jnp.zeros((2, 6), jnp.int32), 4)
     mask = jnp.array([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]], bool)
     base = pretrain.losses(model, obs, actions, mask)
     garbage = obs.at[0, 3:].set(1)  # after the first episode's end: must not matter
@@ -76,7 +99,7 @@ def test_closed_loop_evaluation_reports_rates(dataset):
 def test_padding_after_the_longest_episode_changes_no_loss(dataset):
     model = pretrain.init(jax.random.key(6), pretrain.PretrainConfig(), MODEL, 637, 4).module()
     solved = np.flatnonzero(dataset.success)[:8]
-    obs, actions, mask = dataset.obs[solved], dataset.actions[solved], dataset.mask[solved]
+    obs, actions, mask = dataset.obs[solved], np.eye(4)[dataset.actions[solved]], dataset.mask[solved]
     longest = int(dataset.lengths[solved].max())
     assert longest < dataset.horizon  # the crop does something
     full = pretrain.losses(model, jnp.asarray(obs), jnp.asarray(actions), jnp.asarray(mask))
