@@ -5,7 +5,7 @@ import shutil
 import pytest
 
 from hrl.algos import pretrain
-from hrl.experiment import ExperimentConfig, run_pretrain
+from hrl.experiment import ExperimentConfig, run_collect, run_pretrain
 from hrl.infra.config import load_config
 
 # Seconds on a CPU: short episodes, a one-block transformer, a few updates of each stage. epsilon 0
@@ -29,7 +29,9 @@ def pretrained_runs(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         # Pretraining's closed-loop evaluation (tested in test_pretrain.py) would double the time.
         patch.setattr(pretrain, "make_evaluate", lambda *args, **kwargs: lambda state: {})
-        run_pretrain(load_config(ExperimentConfig, "gridworld/quick", TINY_BASE), runs)  # collects first
+        config = load_config(ExperimentConfig, "gridworld/quick", TINY_BASE)
+        run_collect(config, runs)  # D and D* (the quick preset pretrains on fresh episodes instead of D)
+        run_pretrain(config, runs)
     return runs, list(TINY_BASE)
 
 

@@ -24,7 +24,8 @@ Which action is the target (`PretrainConfig.labels`, DECIDE):
   Measured on the quick preset's model (one run each, 6000 online updates, 256 closed-loop
   episodes): taken labels put 46% of the probability on non-optimal moves in closed loop where
   the target colour is known, expert labels on epsilon = 0.2 states 42%; any-task success 0.8%
-  and 0%. Neither is yet a working base model (issue 3 is open on this).
+  and 0%. With expert labels and lambda = 0, 10000 updates reached 19.5% (0.4% at 6000): the
+  quick preset's setting, still short of a working base model (issue 3 is open on this).
 
 Evaluation is closed-loop in the environment with the cached incremental decoder: success when
 any pretraining task counts (the model cannot see the task, so this is the right measure) and on
