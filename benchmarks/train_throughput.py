@@ -61,12 +61,11 @@ def synthetic_dataset(num_episodes: int, horizon: int, obs_dim: int) -> Dataset:
     )
 
 
-def gradient_flops(state, cfg, dataset: Dataset) -> float:
+def gradient_flops(state, cfg, sample_batch) -> float:
     """FLOPs of one update's loss and gradient, by XLA's cost analysis (the optimiser's few
     element-wise FLOPs are left out). Counted outside the scan: XLA's analysis counts a loop's
     body once, whatever its trip count."""
-    obs, actions, mask = (jnp.asarray(x[: cfg.batch_size]) for x in (dataset.obs, dataset.actions, dataset.mask))
-    batch = (obs, jax.nn.one_hot(actions, 4), mask)
+    batch = sample_batch(jax.random.key(0))
 
     def loss(params, obs, targets, mask):
         terms = pretrain.losses(nnx.merge(state.graphdef, params), obs, targets, mask)
@@ -84,12 +83,13 @@ def measure(preset: str, updates: int, repeats: int) -> dict:
     cfg = config.pretrain
     dataset = synthetic_dataset(max(cfg.batch_size, 256), env.max_steps, env.observation_space.shape[0])
     state = init_pretrain_state(config, env, jax.random.key(0))
-    train_chunk = pretrain.make_train_chunk(cfg, pretrain.dataset_batches(dataset, cfg.batch_size, env.action_space.n))
+    sample_batch = pretrain.dataset_batches(dataset, cfg.batch_size, env.action_space.n)
+    train_chunk = pretrain.make_train_chunk(cfg, sample_batch)
 
     start = time.perf_counter()
     compiled = train_chunk.lower(state).compile()
     compile_s = time.perf_counter() - start
-    flops_per_update = gradient_flops(state, cfg, dataset)
+    flops_per_update = gradient_flops(state, cfg, sample_batch)
     first_s = _timed(lambda: jax.block_until_ready(compiled(state)))
     best_s = min(_timed(lambda: jax.block_until_ready(compiled(state))) for _ in range(repeats))
 

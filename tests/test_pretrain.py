@@ -66,7 +66,7 @@ def test_expert_labels_are_the_clean_experts_distribution_on_the_noisy_experts_s
     clean = pretrain.online_batches(ENV, ENV.pretrain_params(), make_expert(ENV, 0.0), 64, teacher)
     _, clean_targets, clean_mask = jax.device_get(jax.jit(clean)(jax.random.key(9)))
     assert mask.sum(1).mean() > 1.2 * clean_mask.sum(1).mean()
-    # Dataset targets are the clean expert's own choices' support: the taken action is allowed.
+    # Same key, same clean episodes: every action the clean expert took is one its distribution allows.
     taken = jax.device_get(jax.jit(pretrain.online_batches(ENV, ENV.pretrain_params(), make_expert(ENV, 0.0), 64))(
         jax.random.key(9))[1])
     assert np.all(clean_targets[clean_mask][taken[clean_mask].astype(bool)] > 0)

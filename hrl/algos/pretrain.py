@@ -147,9 +147,7 @@ def online_batches(
     update. Targets: the taken actions, or `teacher(state, params)` (an action distribution) on
     every visited state."""
     num_actions = env.action_space.n
-
-    def label(state, params):
-        return () if teacher is None else teacher(state, params)
+    label = teacher or (lambda state, params: ())
 
     def sample(key: jax.Array) -> Batch:
         episodes, labels = jax.vmap(lambda k: expert_data.rollout_labelled(env, env_params, expert_policy, label, k))(
