@@ -21,7 +21,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from hrl.algos import pretrain
 from hrl.data.expert import Dataset
@@ -66,12 +65,8 @@ def gradient_flops(state, cfg, sample_batch) -> float:
     element-wise FLOPs are left out). Counted outside the scan: XLA's analysis counts a loop's
     body once, whatever its trip count."""
     batch = sample_batch(jax.random.key(0))
-
-    def loss(params, obs, targets, mask):
-        terms = pretrain.losses(nnx.merge(state.graphdef, params), obs, targets, mask)
-        return terms["action_nll"] + cfg.obs_loss_weight * terms["obs_nll"]
-
-    analysis = jax.jit(jax.grad(loss)).lower(state.params, *batch).compile().cost_analysis()
+    gradient = jax.grad(lambda params: pretrain.objective(params, state.graphdef, batch, cfg)[0])
+    analysis = jax.jit(gradient).lower(state.params).compile().cost_analysis()
     analysis = analysis[0] if isinstance(analysis, list) else analysis
     return float(analysis["flops"])
 

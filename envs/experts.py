@@ -44,21 +44,37 @@ def shortest_path_action(
 ) -> tuple[jax.Array, jax.Array]:
     """Returns (action, reachable): uniform among the optimal moves, or with probability
     `epsilon` (always, when the target is unreachable) uniform among the safe moves."""
-    key_noise, key_optimal, key_random = jax.random.split(key, 3)
     optimal, safe, reachable = optimal_moves(state, params)
+    return _choose(key, optimal, safe, reachable, epsilon), reachable
+
+
+def expert_probabilities(state: GridState, params: pinpad.PinpadParams) -> jax.Array:
+    """[4] the noise-free expert's action distribution: uniform over the optimal moves (over the
+    safe moves where the target is unreachable)."""
+    return _noise_free_distribution(*optimal_moves(state, params))
+
+
+def labelled_action(
+    key: jax.Array, state: GridState, params: pinpad.PinpadParams, epsilon: float | jax.Array = 0.0
+) -> tuple[jax.Array, jax.Array]:
+    """(`shortest_path_action`'s action, `expert_probabilities`) from one shortest-path search:
+    a noisy expert's move and the noise-free expert's distribution at the same state."""
+    optimal, safe, reachable = optimal_moves(state, params)
+    return _choose(key, optimal, safe, reachable, epsilon), _noise_free_distribution(optimal, safe, reachable)
+
+
+def _choose(key, optimal, safe, reachable, epsilon):
+    key_noise, key_optimal, key_random = jax.random.split(key, 3)
 
     def uniform_among(k, allowed):
         return jax.random.categorical(k, jnp.where(allowed, 0.0, -jnp.inf))
 
     noisy = ~reachable | (jax.random.uniform(key_noise) < epsilon)
     action = jnp.where(noisy, uniform_among(key_random, safe), uniform_among(key_optimal, optimal))
-    return action.astype(jnp.int32), reachable
+    return action.astype(jnp.int32)
 
 
-def expert_probabilities(state: GridState, params: pinpad.PinpadParams) -> jax.Array:
-    """[4] the noise-free expert's action distribution: uniform over the optimal moves (over the
-    safe moves where the target is unreachable)."""
-    optimal, safe, reachable = optimal_moves(state, params)
+def _noise_free_distribution(optimal, safe, reachable):
     allowed = jnp.where(reachable, optimal, safe).astype(jnp.float32)
     return allowed / jnp.sum(allowed)
 
@@ -72,9 +88,11 @@ def make_expert(env, epsilon: float = 0.0):
     raise ValueError(f"no expert for environment {env.name!r}")
 
 
-def make_expert_probabilities(env):
-    """The noise-free expert's action distribution as `(state, params) -> probs`: the labels of
-    pretraining on states visited by a noisy expert (see hrl.algos.pretrain)."""
+@functools.lru_cache(maxsize=None)
+def make_labelled_expert(env, epsilon: float = 0.0):
+    """`(key, state, params) -> (action, noise-free distribution)`: an epsilon-noisy expert's move
+    and the clean expert's distribution at the same state (the labels of pretraining with
+    `labels=expert`, see hrl.algos.pretrain)."""
     if env.name == "GridPinpad-v0":
-        return expert_probabilities
+        return lambda key, state, params: labelled_action(key, state, params, epsilon)
     raise ValueError(f"no expert for environment {env.name!r}")

@@ -16,7 +16,7 @@ from typing import Any
 import jax
 
 import envs
-from envs.experts import make_expert, make_expert_probabilities
+from envs.experts import make_expert, make_labelled_expert
 from hrl.algos import bc, controllers, pretrain, probe
 from hrl.algos.bc import BCConfig
 from hrl.algos.controllers import ControllerConfig
@@ -175,9 +175,12 @@ def pretrain_batches(config: ExperimentConfig, runs_dir: str | Path, env: envs.E
     """Pretraining's batch sampler: from the collected D, or fresh episodes of D's expert."""
     cfg = config.pretrain
     if cfg.data == "online":
-        teacher = make_expert_probabilities(env) if cfg.labels == "expert" else None
-        return pretrain.online_batches(env, env.pretrain_params(), make_expert(env, config.collect.epsilon),
-                                       cfg.batch_size, teacher)
+        epsilon = config.collect.epsilon
+        if cfg.labels == "expert":
+            labelled = make_labelled_expert(env, epsilon)
+        else:
+            labelled = pretrain.taken_action_targets(make_expert(env, epsilon), env.action_space.n)
+        return pretrain.online_batches(env, env.pretrain_params(), labelled, cfg.batch_size)
     dataset = expert.load_dataset(run_collect(config, runs_dir).path / EXPERT_DATA)
     return pretrain.dataset_batches(dataset, cfg.batch_size, env.action_space.n)
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from envs import pinpad
-from envs.experts import expert_probabilities, shortest_path_action
+from envs.experts import expert_probabilities, labelled_action, shortest_path_action
 from envs.grid_pinpad import GridPinpad, GridState, task_is_solvable
 
 KEY = jax.random.key(1)
@@ -90,6 +90,11 @@ def test_expert_is_uniform_among_optimal_moves():
     assert 1800 < counts[1] < 2200 and 1800 < counts[2] < 2200
     assert bool(jnp.all(reachable))
     np.testing.assert_array_equal(expert_probabilities(state, params), [0.0, 0.5, 0.5, 0.0])
+    # The labelled expert: the same draws as the plain (noisy) expert, the clean distribution beside.
+    for key in jax.random.split(KEY, 20):
+        action, probs = labelled_action(key, state, params, 0.5)
+        assert int(action) == int(shortest_path_action(key, state, params, 0.5)[0])
+        np.testing.assert_array_equal(probs, [0.0, 0.5, 0.5, 0.0])
 
 
 def test_expert_reports_an_unreachable_target():

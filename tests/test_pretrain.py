@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from envs.experts import make_expert, make_expert_probabilities
+from envs.experts import make_expert, make_labelled_expert
 from envs.grid_pinpad import GridPinpad
 from hrl.algos import pretrain
 from hrl.data.expert import collect
@@ -35,13 +35,20 @@ def test_losses_fall_on_a_tiny_run(dataset):
     assert history[-1]["action_accuracy"] > 0.4  # chance: 0.25
 
 
-def test_online_batches_are_fresh_expert_episodes_and_train():
-    sample = pretrain.online_batches(ENV, ENV.pretrain_params(), make_expert(ENV, 0.0), batch_size=16)
-    obs, targets, mask = jax.jit(sample)(jax.random.key(7))
+def test_online_batches_are_fresh_expert_episodes_packed_back_to_back_and_train():
+    expert = pretrain.taken_action_targets(make_expert(ENV, 0.0), 4)
+    sample = pretrain.online_batches(ENV, ENV.pretrain_params(), expert, batch_size=16)
+    obs, targets, mask, segments = jax.jit(sample)(jax.random.key(7))
     assert obs.shape == (16, ENV.max_steps, 637) and targets.shape == (16, ENV.max_steps, 4)
-    assert mask.shape == (16, ENV.max_steps) and np.all(np.isin(targets, [0.0, 1.0])) and np.all(targets.sum(-1) == 1)
-    # Each episode is a prefix of real steps, then padding; a second key gives other episodes.
-    assert np.all(np.diff(np.asarray(mask).astype(int), axis=1) <= 0) and np.all(mask[:, 0])
+    assert np.all(mask) and np.all(np.isin(targets, [0.0, 1.0])) and np.all(targets.sum(-1) == 1)
+    # Episodes follow each other: segments count up by one where an episode ended, and a new
+    # segment starts from a fresh layout (the agent jumps instead of moving one cell at most).
+    steps = np.diff(np.asarray(segments), axis=1)
+    assert np.all(segments[:, 0] == 0) and np.all(np.isin(steps, [0, 1])) and segments[:, -1].mean() > 1.5
+    agent = np.argmax(np.asarray(obs).reshape(16, ENV.max_steps, 49, 13)[..., 12], -1)
+    row, col = np.divmod(agent, 7)
+    moved = np.abs(np.diff(row, axis=1)) + np.abs(np.diff(col, axis=1))
+    assert np.all(moved[steps == 0] <= 1) and np.mean(moved[steps == 1] > 1) > 0.5
     assert not np.array_equal(obs, jax.jit(sample)(jax.random.key(8))[0])
     cfg = pretrain.PretrainConfig(learning_rate=1e-2, batch_size=16, num_updates=200, updates_per_chunk=40, data="online")
     train_chunk = pretrain.make_train_chunk(cfg, sample)
@@ -56,20 +63,20 @@ def test_online_batches_are_fresh_expert_episodes_and_train():
 
 
 def test_expert_labels_are_the_clean_experts_distribution_on_the_noisy_experts_states():
-    teacher = make_expert_probabilities(ENV)
-    noisy = pretrain.online_batches(ENV, ENV.pretrain_params(), make_expert(ENV, 0.5), 64, teacher)
-    obs, targets, mask = jax.device_get(jax.jit(noisy)(jax.random.key(9)))
-    np.testing.assert_allclose(targets[mask].sum(-1), 1.0, rtol=1e-6)
+    noisy = pretrain.online_batches(ENV, ENV.pretrain_params(), make_labelled_expert(ENV, 0.5), 64)
+    obs, targets, mask, segments = jax.device_get(jax.jit(noisy)(jax.random.key(9)))
+    np.testing.assert_allclose(targets.sum(-1), 1.0, rtol=1e-6)
     # Ties among optimal moves give soft targets; half of the moves are random, so the taken
     # moves leave the expert's path and the episodes are longer than the clean expert's.
-    assert np.any((targets[mask] > 0) & (targets[mask] < 1))
-    clean = pretrain.online_batches(ENV, ENV.pretrain_params(), make_expert(ENV, 0.0), 64, teacher)
-    _, clean_targets, clean_mask = jax.device_get(jax.jit(clean)(jax.random.key(9)))
-    assert mask.sum(1).mean() > 1.2 * clean_mask.sum(1).mean()
-    # Same key, same clean episodes: every action the clean expert took is one its distribution allows.
-    taken = jax.device_get(jax.jit(pretrain.online_batches(ENV, ENV.pretrain_params(), make_expert(ENV, 0.0), 64))(
-        jax.random.key(9))[1])
-    assert np.all(clean_targets[clean_mask][taken[clean_mask].astype(bool)] > 0)
+    assert np.any((targets > 0) & (targets < 1))
+    clean = pretrain.online_batches(ENV, ENV.pretrain_params(), make_labelled_expert(ENV, 0.0), 64)
+    _, clean_targets, _, clean_segments = jax.device_get(jax.jit(clean)(jax.random.key(9)))
+    assert segments[:, -1].mean() < 0.8 * clean_segments[:, -1].mean()  # fewer, longer episodes
+    # Same key, same clean episodes as the plain expert's: every action it took is one the
+    # distribution allows.
+    taken = pretrain.online_batches(ENV, ENV.pretrain_params(), pretrain.taken_action_targets(make_expert(ENV, 0.0), 4), 64)
+    taken_targets = jax.device_get(jax.jit(taken)(jax.random.key(9)).targets)
+    assert np.all(clean_targets[taken_targets.astype(bool)] > 0)
 
 
 def test_expert_labels_need_online_data():
@@ -85,6 +92,33 @@ def test_observation_loss_ignores_steps_without_a_next_observation():
     base = pretrain.losses(model, obs, actions, mask)
     garbage = obs.at[0, 3:].set(1)  # after the first episode's end: must not matter
     np.testing.assert_allclose(pretrain.losses(model, garbage, actions, mask)["obs_nll"], base["obs_nll"], rtol=1e-6)
+
+
+def test_observation_loss_stops_at_the_end_of_a_packed_episode():
+    model = pretrain.init(jax.random.key(2), pretrain.PretrainConfig(), MODEL, 637, 4).module()
+    obs = (jax.random.uniform(jax.random.key(3), (1, 6, 637)) < 0.05).astype(jnp.uint8)
+    actions, mask = jax.nn.one_hot(jnp.zeros((1, 6), jnp.int32), 4), jnp.ones((1, 6), bool)
+    segments = jnp.array([[0, 0, 0, 1, 1, 1]])
+    packed = pretrain.losses(model, obs, actions, mask, segments)
+    # Two episodes of three steps: two observation targets each, the next episode's first
+    # observation is none of them, so the packed loss is the mean of each episode's loss alone.
+    alone = [pretrain.losses(model, obs[:, i : i + 3], actions[:, :3], mask[:, :3]) for i in (0, 3)]
+    np.testing.assert_allclose(packed["obs_nll"], (alone[0]["obs_nll"] + alone[1]["obs_nll"]) / 2, rtol=1e-5)
+    np.testing.assert_allclose(packed["action_nll"], (alone[0]["action_nll"] + alone[1]["action_nll"]) / 2, rtol=1e-5)
+    assert "obs_nll" not in pretrain.losses(model, obs, actions, mask, segments, observation_loss=False)
+
+
+def test_learning_rate_decays_to_the_final_fraction():
+    cfg = pretrain.PretrainConfig(learning_rate=1e-3, final_lr_fraction=0.1, num_updates=100, updates_per_chunk=50)
+    params = {"w": jnp.ones(3)}
+    optimizer = pretrain.make_optimizer(cfg)
+    state = optimizer.init(params)
+    sizes = []
+    for _ in range(100):
+        updates, state = optimizer.update({"w": jnp.ones(3)}, state, params)  # Adam: steps of size ~lr
+        sizes.append(float(jnp.abs(updates["w"][0])))
+    assert sizes[0] == pytest.approx(1e-3 * (1 + 0.03), rel=1e-2)  # lr x (Adam's 1 + decoupled decay)
+    assert sizes[-1] == pytest.approx(1e-4 * (1 + 0.03), rel=5e-2)
 
 
 def test_closed_loop_evaluation_reports_rates(dataset):

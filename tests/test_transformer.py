@@ -107,3 +107,25 @@ def test_egocentric_model_runs_and_needs_a_grid_shape(obs):
     assert model(obs).action_logits.shape == (3, 16, 4)
     with pytest.raises(ValueError, match="grid shape"):
         Transformer(cfg, OBS_DIM, 4, rngs=nnx.Rngs(0))
+
+
+def test_sparse_egocentric_embedding_is_the_dense_linear_map():
+    from envs.grid_pinpad import GridPinpad
+    from hrl.models import encoders
+
+    env = GridPinpad()
+    obs = jax.vmap(lambda k: env.reset(k, env.default_params)[0])(jax.random.split(jax.random.key(0), 64))
+    features = encoders.feature_dim("egocentric_grid", OBS_DIM, env.grid_shape)
+    kernel = jax.random.normal(jax.random.key(1), (features, 8))
+    bias = jax.random.normal(jax.random.key(2), (8,))
+    dense = encoders.encode("egocentric_grid", obs, env.grid_shape) @ kernel + bias
+    np.testing.assert_allclose(encoders.embed("egocentric_grid", obs, kernel, bias, env.grid_shape), dense, atol=1e-4)
+
+
+def test_packed_segments_give_each_episode_its_own_outputs(model, obs):
+    # Two episodes packed into one sequence (5 steps, then 11) vs each run alone.
+    segments = jnp.where(jnp.arange(16) < 5, 0, 1)
+    packed = model(obs[0], segments=segments).action_logits
+    np.testing.assert_allclose(packed[:5], model(obs[0, :5]).action_logits, atol=1e-5)
+    np.testing.assert_allclose(packed[5:], model(obs[0, 5:]).action_logits, atol=1e-5)
+    assert not np.allclose(packed[5:], model(obs[0]).action_logits[5:], atol=1e-3)  # unpacked, they differ

@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +23,10 @@ import numpy as np
 from flax import struct
 
 from envs.base import Env
+from envs.wrappers import VmapAutoReset
 
 Expert = Callable[[jax.Array, object, object], jax.Array]  # (key, state, params) -> action
+LabelledExpert = Callable[[jax.Array, object, object], tuple[jax.Array, Any]]  # -> (action, label)
 
 FORMAT_VERSION = 1
 
@@ -69,12 +71,6 @@ class CollectConfig:
 
 def rollout_expert(env: Env, params, expert: Expert, key: jax.Array) -> Dataset:
     """One expert episode (unbatched; vmap it). Steps after the episode's end are masked out."""
-    return rollout_labelled(env, params, expert, lambda state, params: (), key)[0]
-
-
-def rollout_labelled(env: Env, params, expert: Expert, label: Callable, key: jax.Array) -> tuple[Dataset, jax.Array]:
-    """`rollout_expert`, also returning `label(state, params)` at every step (stacked over time),
-    e.g. a noise-free teacher's action distribution on the states a noisy expert visits."""
     key_reset, key_steps = jax.random.split(key)
     obs, state = env.reset(key_reset, params)
 
@@ -82,7 +78,7 @@ def rollout_labelled(env: Env, params, expert: Expert, label: Callable, key: jax
         obs, state, done, success = carry
         key_act, key_env = jax.random.split(key)
         action = expert(key_act, state, params)
-        record = (obs, action, ~done, env.subgoal(state, params), label(state, params))
+        record = (obs, action, ~done, env.subgoal(state, params))
         next_obs, next_state, _, terminated, truncated, info = env.step(key_env, state, action, params)
         # After the end, keep the final state (env.step never resets).
         next_state = jax.tree.map(lambda old, new: jnp.where(done, old, new), state, next_state)
@@ -90,12 +86,41 @@ def rollout_labelled(env: Env, params, expert: Expert, label: Callable, key: jax
         return (next_obs, next_state, done | terminated | truncated, success), record
 
     init = (obs, state, jnp.bool_(False), jnp.bool_(False))
-    (_, state, _, success), (obs, actions, mask, subgoals, labels) = jax.lax.scan(
+    (_, state, _, success), (obs, actions, mask, subgoals) = jax.lax.scan(
         step, init, jax.random.split(key_steps, env.max_steps)
     )
     task_id = params.tasks.ids[state.task]
-    episode = Dataset(obs, actions, mask, subgoals, task_id, jnp.sum(mask, dtype=jnp.int32), success)
-    return episode, labels
+    return Dataset(obs, actions, mask, subgoals, task_id, jnp.sum(mask, dtype=jnp.int32), success)
+
+
+class Stream(NamedTuple):
+    """Consecutive steps of an expert that starts a new episode as soon as one ends."""
+
+    obs: jax.Array  # [B, T, obs_dim]
+    actions: jax.Array  # [B, T]
+    labels: Any  # the expert's label at every step, [B, T, ...]
+    segments: jax.Array  # [B, T] int32: which episode of the stream each step belongs to (0, 1, ...)
+
+
+def rollout_streams(env: Env, params, expert: LabelledExpert, key: jax.Array, num_streams: int, length: int) -> Stream:
+    """`num_streams` streams (batched) of expert episodes back to back for `length` steps: sequences
+    with no padding, for training on several episodes packed into one sequence. The last episode
+    of a stream is cut at `length`. Resets happen only where an episode ended (`VmapAutoReset`)."""
+    stepper = VmapAutoReset(env, num_streams)
+    key_reset, key_steps = jax.random.split(key)
+    obs, state = stepper.reset(jax.random.split(key_reset, num_streams), params)
+
+    def step(carry, key):
+        obs, state, segment = carry
+        act_keys, env_keys = jnp.split(jax.random.split(key, 2 * num_streams), 2)
+        action, label = jax.vmap(expert, (0, 0, None))(act_keys, state, params)
+        record = (obs, action, label, segment)
+        obs, state, _, terminated, truncated, _ = stepper.step(env_keys, state, action, params)
+        return (obs, state, segment + (terminated | truncated)), record
+
+    init = (obs, state, jnp.zeros(num_streams, jnp.int32))
+    _, records = jax.lax.scan(step, init, jax.random.split(key_steps, length))
+    return Stream(*jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), records))  # time second
 
 
 @partial(jax.jit, static_argnums=(0, 2))

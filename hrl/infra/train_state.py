@@ -28,7 +28,7 @@ class TrainState:
         return nnx.merge(self.graphdef, self.params)
 
 
-def adamw(learning_rate: float, weight_decay: float, max_grad_norm: float) -> optax.GradientTransformation:
+def adamw(learning_rate: float | optax.Schedule, weight_decay: float, max_grad_norm: float) -> optax.GradientTransformation:
     """AdamW after clipping the global gradient norm: the optimiser of every supervised phase."""
     return optax.chain(optax.clip_by_global_norm(max_grad_norm), optax.adamw(learning_rate, weight_decay=weight_decay))
 

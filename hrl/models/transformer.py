@@ -90,20 +90,23 @@ class Attention(nnx.Module):
         shape = x.shape[:-1] + (self.cfg.num_heads, self.cfg.width // self.cfg.num_heads)
         return q.reshape(shape), k.reshape(shape), v.reshape(shape)
 
-    def attend(self, q, k, v, q_pos, k_pos) -> jax.Array:
-        """Queries at positions q_pos attend to keys at k_pos <= q_pos."""
+    def attend(self, q, k, v, q_pos, k_pos, segments: jax.Array | None = None) -> jax.Array:
+        """Queries at positions q_pos attend to keys at k_pos <= q_pos (of the same segment)."""
         distance = q_pos[:, None] - k_pos[None, :]
         bucket = relative_position_bucket(distance, self.cfg.relpos_buckets, self.cfg.relpos_max_distance)
         bias = jnp.moveaxis(self.relpos_bias[...][bucket], -1, 0)  # [heads, Tq, Tk]
         logits = jnp.einsum("...qhd,...khd->...hqk", q, k) / math.sqrt(q.shape[-1]) + bias
-        logits = jnp.where(distance >= 0, logits, -jnp.inf)
+        visible = distance >= 0
+        if segments is not None:
+            visible = visible & (segments[..., None, :, None] == segments[..., None, None, :])
+        logits = jnp.where(visible, logits, -jnp.inf)
         weights = jax.nn.softmax(logits, axis=-1)
         mixed = jnp.einsum("...hqk,...khd->...qhd", weights, v)
         return self.out(mixed.reshape(mixed.shape[:-2] + (self.cfg.width,)))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, segments: jax.Array | None = None) -> jax.Array:
         positions = jnp.arange(x.shape[-2])
-        return self.attend(*self.heads(x), positions, positions)
+        return self.attend(*self.heads(x), positions, positions, segments)
 
 
 class Block(nnx.Module):
@@ -117,8 +120,8 @@ class Block(nnx.Module):
     def mlp(self, x: jax.Array) -> jax.Array:
         return x + self.mlp_out(jax.nn.relu(self.mlp_in(self.mlp_norm(x))))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.mlp(x + self.attention(self.attention_norm(x)))
+    def __call__(self, x: jax.Array, segments: jax.Array | None = None) -> jax.Array:
+        return self.mlp(x + self.attention(self.attention_norm(x), segments))
 
 
 class Transformer(nnx.Module):
@@ -148,7 +151,7 @@ class Transformer(nnx.Module):
 
     def embed(self, obs: jax.Array) -> jax.Array:
         """obs [..., obs_dim] -> e_0 [..., width]."""
-        return self.embedding(encoders.encode(self.cfg.encoder, obs, self.grid_shape))
+        return encoders.embed(self.cfg.encoder, obs, self.embedding.kernel[...], self.embedding.bias[...], self.grid_shape)
 
     def heads(self, e_last: jax.Array) -> Output:
         x = self.final_norm(e_last)
@@ -167,9 +170,19 @@ class Transformer(nnx.Module):
             e = block(e)
         return self.heads(e)
 
-    def __call__(self, obs: jax.Array, intervention: Intervention | None = None, layer: int | None = None) -> Output:
+    def __call__(
+        self,
+        obs: jax.Array,
+        intervention: Intervention | None = None,
+        layer: int | None = None,
+        segments: jax.Array | None = None,
+    ) -> Output:
         """Full causal forward over obs [..., T, obs_dim]; e_layer <- intervention(e_layer) if
-        given. Returns the heads and every residual e_0 .. e_L."""
+        given. Returns the heads and every residual e_0 .. e_L.
+
+        `segments` [..., T] (integers) packs several episodes into one sequence: a step attends
+        only to earlier steps of its own segment, so each episode's outputs are those it would
+        have alone (positions are relative)."""
         if intervention is not None and layer is None:
             raise ValueError("an intervention needs the layer it acts on")
         e = self.embed(obs)
@@ -179,7 +192,7 @@ class Transformer(nnx.Module):
                 e = intervention(e)
             residuals.append(e)
             if index < self.num_layers:
-                e = self.blocks[index](e)
+                e = self.blocks[index](e, segments)
         return self.heads(e)._replace(residuals=jnp.stack(residuals))
 
     # --- incremental decoding
