@@ -41,7 +41,7 @@ def plot_seeds_and_mean(ax, curves: dict[int, dict[int, float]]) -> None:
                 label=f"seed {seed}")
     shared = sorted(set.intersection(*(set(curve) for curve in curves.values())))
     mean = [np.mean([curve[layer] for curve in curves.values()]) for layer in shared]
-    ax.plot(shared, mean, color="tab:blue", linewidth=2.5, marker="o", label=f"mean of {len(curves)} seeds")
+    ax.plot(shared, mean, color="tab:blue", linewidth=2.5, marker="o", label=f"mean of {len(curves)} seed{'s' if len(curves) > 1 else ''}")
     ax.set_xticks(shared)
 
 
