@@ -7,6 +7,9 @@ batch b uses `fold_in(key, b)`.
 Per episode, arrays are padded to the horizon T; `mask[t]` marks the steps that happened.
 `subgoals[t]` is the ground-truth subgoal when action t was chosen (for analysis only; never a
 model input, like `task_ids`).
+
+`rollout_streams` generates the other layout, for online pretraining: episodes back to back in
+rows of fixed length with no padding, each step tagged with its episode's segment id.
 """
 
 from __future__ import annotations
