@@ -16,8 +16,8 @@ Where batches come from (`PretrainConfig.data`, DECIDE, the spec allows both):
   each step's attention inside its own episode, so nothing is padding). A small model on a
   CPU budget memorises a finite D (train accuracy 0.88 vs 0.64 held out with 8192 episodes in
   one run) and then fails closed-loop; an endless stream removes that failure at the cost of
-  one batched expert rollout per update. Packing puts about three episodes in the compute of
-  one padded episode.
+  one batched expert rollout per update. Packing puts about 2.3 episodes in the compute of
+  one padded episode (D's epsilon = 0.2 episodes average 42.6 of 100 steps).
 
 Which action is the target (`PretrainConfig.labels`, DECIDE):
 - "taken": the action in the data (the paper's NLL);
