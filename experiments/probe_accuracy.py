@@ -6,19 +6,7 @@
 Reads runs/<experiment>/probe/seed_<k>/ and writes runs/<experiment>/figures/probe_accuracy.png.
 """
 
-import argparse
-import sys
-
-from hrl.analysis.figures import probe_accuracy_figure
-from hrl.cli import seed_list
+from hrl.analysis.figures import figure_script, probe_accuracy_figure
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs-dir", default="runs")
-    parser.add_argument("--experiment", default="gridworld_quick")
-    parser.add_argument("--seeds", type=seed_list, default=[0, 1, 2], help="comma-separated (default: 0,1,2)")
-    args = parser.parse_args()
-    try:
-        print(f"wrote {probe_accuracy_figure(args.runs_dir, args.experiment, args.seeds)}")
-    except FileNotFoundError as missing:
-        sys.exit(f"{parser.prog}: {missing}")
+    figure_script(probe_accuracy_figure, __doc__)

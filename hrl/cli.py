@@ -4,6 +4,7 @@
     hrl train-bc [--preset gridworld/quick] [--runs-dir runs] [--seed K] [--overwrite] [key.sub=value ...]
     hrl render   [--preset ...] [--episode N] [--clean] [--output PATH] [--fps F] [key.sub=value ...]
     hrl probe | hrl controllers   (same options as collect)
+    hrl discover [--variant frozen|beta1|cotrained]   (same options as collect)
 
 User errors (bad config, a run directory made with another config) print one line and exit
 with code 2; a training run stopped by a non-finite metric prints one line and exits with 1.
@@ -18,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from hrl.algos.discovery import VARIANTS as DISCOVERY_VARIANTS
 from hrl.data.expert import load_dataset
 from hrl.experiment import (
     EXPERT_DATA,
@@ -27,6 +29,7 @@ from hrl.experiment import (
     run_bc,
     run_collect,
     run_controllers,
+    run_discovery,
     run_pretrain,
     run_probe,
     write_results_table,
@@ -67,6 +70,10 @@ def probe_command(config: ExperimentConfig, args: argparse.Namespace) -> None:
 
 def controllers_command(config: ExperimentConfig, args: argparse.Namespace) -> None:
     run_controllers(config, args.runs_dir, overwrite=args.overwrite)
+
+
+def discover_command(config: ExperimentConfig, args: argparse.Namespace) -> None:
+    run_discovery(config, args.runs_dir, overwrite=args.overwrite, variant=args.variant)
 
 
 def render_command(config: ExperimentConfig, args: argparse.Namespace) -> None:
@@ -134,6 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("controllers", controllers_command,
         "supervised controllers per subgoal and controlled layer, chained on the post-training task "
         "(stage 'controllers')", [common, stage])
+    discover = add("discover", discover_command,
+                   "train the metacontroller on D* for every alpha of discovery.alphas side by side "
+                   "(stage 'discovery', or 'discovery_beta1' / 'discovery_cotrained' for the ablations)",
+                   [common, stage])
+    discover.add_argument("--variant", choices=DISCOVERY_VARIANTS, default="frozen",
+                          help="frozen base model (the method), beta fixed to 1, or base and metacontroller "
+                               "co-trained from scratch (default: %(default)s)")
     render = add("render", render_command, "draw one episode of the collected expert data as a GIF", [common])
     render.add_argument("--episode", type=int, default=0, help="episode index in the dataset (default: %(default)s)")
     render.add_argument("--clean", action="store_true", help="from D* (epsilon 0) instead of D")

@@ -9,17 +9,22 @@ valid, while changing `collect.num_episodes` makes a stale BC run refuse to resu
 from __future__ import annotations
 
 import dataclasses
+import functools
 import zlib
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
+from flax import nnx
 
 import envs
 from envs.experts import make_expert, make_labelled_expert
-from hrl.algos import bc, controllers, pretrain, probe
+
+from hrl.algos import bc, controllers, discovery, pretrain, probe
 from hrl.algos.bc import BCConfig
 from hrl.algos.controllers import ControllerConfig
+from hrl.algos.discovery import DiscoveryConfig
 from hrl.algos.pretrain import PretrainConfig
 from hrl.algos.probe import ProbeConfig
 from hrl.data import expert
@@ -28,7 +33,8 @@ from hrl.infra.config import check
 from hrl.infra.loop import LoopConfig, run_training
 from hrl.infra.rundir import RunDir
 from hrl.infra.train_state import TrainState
-from hrl.models.transformer import TransformerConfig
+from hrl.models.metacontroller import MetacontrollerConfig
+from hrl.models.transformer import Transformer, TransformerConfig
 
 
 @dataclasses.dataclass
@@ -66,6 +72,8 @@ class ExperimentConfig:
     pretrain: PretrainConfig = dataclasses.field(default_factory=PretrainConfig)
     probe: ProbeConfig = dataclasses.field(default_factory=ProbeConfig)
     controllers: ControllerConfig = dataclasses.field(default_factory=ControllerConfig)
+    metacontroller: MetacontrollerConfig = dataclasses.field(default_factory=MetacontrollerConfig)
+    discovery: DiscoveryConfig = dataclasses.field(default_factory=DiscoveryConfig)
     loop: LoopConfig = dataclasses.field(default_factory=LoopConfig)
 
     def validate(self) -> None:
@@ -76,6 +84,8 @@ class ExperimentConfig:
               self.bc.eval_task)
         check(all(layer <= self.model.num_layers for layer in self.controllers.layers), "controllers.layers",
               f"must be layers of the base model, 0..{self.model.num_layers}", self.controllers.layers)
+        check(self.discovery.layer is None or self.discovery.layer <= self.model.num_layers, "discovery.layer",
+              f"must be a layer of the base model, 0..{self.model.num_layers}", self.discovery.layer)
 
 
 # The config sections each stage's outputs depend on, upstream stages' sections included.
@@ -87,7 +97,13 @@ STAGE_SECTIONS = {
     "pretrain": ("env", "collect", "model", "pretrain"),
     "probe": ("env", "collect", "model", "pretrain", "probe"),
     "controllers": ("env", "collect", "model", "pretrain", "controllers"),
+    "discovery": ("env", "collect", "model", "pretrain", "metacontroller", "discovery"),
+    "discovery_beta1": ("env", "collect", "model", "pretrain", "metacontroller", "discovery"),
+    "discovery_cotrained": ("env", "collect", "model", "metacontroller", "discovery"),  # no pretrained base
 }
+
+# The stage of each discovery variant (hrl.algos.discovery.VARIANTS).
+DISCOVERY_STAGES = {"frozen": "discovery", "beta1": "discovery_beta1", "cotrained": "discovery_cotrained"}
 
 
 def stage_config(config: ExperimentConfig, stage: str) -> dict[str, Any]:
@@ -287,8 +303,64 @@ def run_controllers(config: ExperimentConfig, runs_dir: str | Path, overwrite: b
     return run
 
 
+DISCOVERY_ANALYSIS = "analysis.npz"  # held-out beta, NLL and KL per alpha and step, for the figures
+
+
+def run_discovery(config: ExperimentConfig, runs_dir: str | Path, overwrite: bool = False,
+                  variant: str = "frozen") -> RunDir:
+    """The metacontroller's alpha sweep on D* (frozen base, beta = 1, or co-trained from scratch).
+    The summary adds per alpha the held-out rate-distortion point and switching statistics; the
+    run directory keeps the held-out arrays in analysis.npz."""
+    stage = DISCOVERY_STAGES[variant]
+    run = stage_run_dir(config, runs_dir, stage, overwrite)
+    if run.is_complete:
+        print(f"{stage}: complete, skipped ({run.path})")
+        return run
+    env = config.env.make()
+    cfg = config.discovery
+    layer = cfg.controlled_layer(config.model.num_layers)
+    if variant == "cotrained":
+        frozen_base = None
+
+        def make_base(key):
+            return Transformer(config.model, env.observation_space.shape[0], env.action_space.n,
+                               grid_shape=getattr(env, "grid_shape", None), rngs=nnx.Rngs(params=key))
+    else:
+        frozen_base = make_base = load_base_model(config, runs_dir).module()
+    dataset = expert.load_dataset(run_collect(config, runs_dir).path / EXPERT_DATA_CLEAN)
+    train, heldout = probe.split_episodes(dataset, cfg.heldout_fraction)
+    if cfg.data == "online":
+        episodes = discovery.online_episodes(env, env.pretrain_params(), make_expert(env, 0.0), cfg.batch_size)
+    else:
+        episodes = discovery.dataset_episodes(train, cfg.batch_size)
+    result = run_training(
+        run,
+        discovery.init(stage_key(config, stage), cfg, config.metacontroller, variant, make_base),
+        discovery.make_train_chunk(cfg, config.metacontroller, frozen_base, layer, episodes),
+        cfg.num_chunks,
+        steps_per_chunk=cfg.updates_per_chunk,
+        loop=config.loop,
+        evaluate=discovery.make_evaluate(cfg, frozen_base, layer, heldout),
+        description=stage,
+    )
+    arrays = jax.device_get(discovery.make_analyse(frozen_base, layer, heldout)(result.state))
+    heldout = discovery.crop_to_longest_episode(heldout)  # as the arrays are
+    np.savez_compressed(run.path / DISCOVERY_ANALYSIS, alphas=np.asarray(cfg.alphas), subgoals=heldout.subgoals,
+                        mask=heldout.mask, **arrays)
+    metrics = result.summary["metrics"]
+    by_alpha = {f"{alpha:g}": {name.split("/")[1]: value for name, value in metrics.items()
+                               if name.startswith("eval/") and name.endswith("/" + discovery.alpha_name(alpha))}
+                for alpha in cfg.alphas}
+    run.mark_complete({**result.summary, "controlled_layer": layer, "heldout_by_alpha": by_alpha})
+    print(f"{stage}: done ({run.path}): held-out switch F1 (share of beta in (0.1, 0.9)) by alpha "
+          + ", ".join(f"{alpha}: {values['f1']:.3f} ({values['intermediate_beta_share']:.3f})"
+                      for alpha, values in by_alpha.items()))
+    return run
+
+
 # The stages `hrl pipeline` runs, in order.
-PIPELINE_STAGES = (run_collect, run_bc, run_pretrain, run_probe, run_controllers)
+PIPELINE_STAGES = (run_collect, run_bc, run_pretrain, run_probe, run_controllers,
+                   *(functools.partial(run_discovery, variant=variant) for variant in DISCOVERY_STAGES))
 
 
 def write_results_table(config: ExperimentConfig, runs_dir: str | Path, seeds: list[int]) -> Path:

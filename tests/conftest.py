@@ -1,4 +1,4 @@
-"""Fixtures shared by the tests of the stages that read a pretrained base model (probe, controllers)."""
+"""Fixtures shared by the tests of the stages that read a pretrained base model (probe, controllers, discovery)."""
 
 import shutil
 
@@ -18,7 +18,9 @@ TINY_BASE = [
     "pretrain.num_updates=2", "pretrain.updates_per_chunk=2", "pretrain.eval_episodes=2",
     "probe.batch_size=8", "probe.num_updates=4", "probe.updates_per_chunk=2",
     "controllers.batch_size=8", "controllers.num_updates=4", "controllers.updates_per_chunk=2",
-    "controllers.eval_episodes=4", "loop.progress=false",
+    "controllers.eval_episodes=4",
+    "discovery.alphas=[0.0,1.0]", "discovery.batch_size=8", "discovery.num_updates=4",
+    "discovery.updates_per_chunk=2", "loop.progress=false",
 ]  # fmt: skip
 
 

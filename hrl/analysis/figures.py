@@ -81,7 +81,77 @@ def controller_layer_sweep_figure(runs_dir: str | Path, experiment: str, seeds: 
     return save(fig, runs_dir, experiment, "controller_layer_sweep")
 
 
-FIGURES = (probe_accuracy_figure, controller_layer_sweep_figure)
+DISCOVERY_VARIANTS = {"discovery": ("frozen base", "tab:blue"), "discovery_cotrained": ("co-trained", "tab:orange"),
+                      "discovery_beta1": ("beta = 1", "tab:gray")}
+
+
+def rate_distortion_figure(runs_dir: str | Path, experiment: str, seeds: list[int]) -> Path:
+    """Held-out KL (rate) against action NLL (distortion) over the alpha sweep, per discovery
+    variant: thin lines per seed, the mean bold with its alphas written beside it (paper Fig. 7)."""
+    fig = Figure(figsize=(5.5, 4))
+    ax = fig.subplots()
+    drawn = 0
+    for stage, (label, colour) in DISCOVERY_VARIANTS.items():
+        try:
+            summaries = completed_summaries(runs_dir, experiment, stage, seeds)
+        except FileNotFoundError:
+            continue
+        curves = [{alpha: (v["heldout_action_nll"], v["heldout_kl"]) for alpha, v in s["heldout_by_alpha"].items()}
+                  for s in summaries.values()]
+        for curve in curves:
+            ax.plot(*zip(*curve.values()), color=colour, alpha=0.3, linewidth=1)
+        alphas = list(curves[0])
+        mean = np.mean([[curve[alpha] for alpha in alphas] for curve in curves], axis=0)
+        ax.plot(mean[:, 0], mean[:, 1], color=colour, linewidth=2.5, marker="o",
+                label=f"{label} (mean of {len(curves)} seed{'s' if len(curves) > 1 else ''})")
+        for alpha, (x, y) in zip(alphas, mean):
+            ax.annotate(alpha, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        drawn += 1
+    if not drawn:
+        raise FileNotFoundError(f"no complete discovery run of {experiment} in {runs_dir} for seeds {seeds}")
+    ax.set(xlabel="held-out action NLL (nats per step)", ylabel="held-out KL (nats per step)",
+           title=f"Rate-distortion over alpha ({experiment})")
+    ax.legend(fontsize=7)
+    return save(fig, runs_dir, experiment, "rate_distortion")
+
+
+def switching_gate_figure(runs_dir: str | Path, experiment: str, seeds: list[int], num_episodes: int = 4) -> Path:
+    """beta_t over held-out episodes above the ground-truth subgoal (coloured), for the alpha with
+    the best switch F1 of the first complete seed, frozen base and co-trained side by side
+    (paper Fig. 6 / A3)."""
+    from hrl.experiment import DISCOVERY_ANALYSIS  # the stage writes the arrays; figures only read them
+
+    stages = {}
+    for stage in ("discovery", "discovery_cotrained"):
+        try:
+            seed, summary = next(iter(completed_summaries(runs_dir, experiment, stage, seeds).items()))
+        except FileNotFoundError:
+            continue
+        stages[stage] = (seed, summary)
+    if not stages:
+        raise FileNotFoundError(f"no complete discovery run of {experiment} in {runs_dir} for seeds {seeds}")
+    fig = Figure(figsize=(5 * len(stages), 1.4 * num_episodes))
+    axes = fig.subplots(num_episodes, len(stages), squeeze=False, sharex=True)
+    for column, (stage, (seed, summary)) in enumerate(stages.items()):
+        best = max(summary["heldout_by_alpha"], key=lambda alpha: summary["heldout_by_alpha"][alpha]["f1"])
+        data = np.load(RunDir.path_for(runs_dir, experiment, stage, seed) / DISCOVERY_ANALYSIS)
+        index = [f"{alpha:g}" for alpha in data["alphas"]].index(best)
+        for row in range(num_episodes):
+            ax = axes[row, column]
+            length = int(data["mask"][row].sum())
+            ax.imshow(data["subgoals"][row][None, :length], aspect="auto", cmap="tab10", vmin=0, vmax=9,
+                      extent=(-0.5, length - 0.5, -0.25, -0.05))
+            ax.plot(np.arange(length), data["beta"][index, row, :length], color="black", linewidth=1)
+            ax.axhline(0.5, color="gray", linestyle=":", linewidth=0.8)
+            ax.set(ylim=(-0.25, 1.05), yticks=[0, 0.5, 1], ylabel=f"episode {row}")
+        stats = summary["heldout_by_alpha"][best]
+        axes[0, column].set_title(f"{DISCOVERY_VARIANTS[stage][0]}, seed {seed}, alpha {best}: "
+                                  f"F1 {stats['f1']:.2f}", fontsize=8)
+        axes[-1, column].set_xlabel("time step (colour bar: ground-truth subgoal)")
+    return save(fig, runs_dir, experiment, "switching_gate")
+
+
+FIGURES = (probe_accuracy_figure, controller_layer_sweep_figure, rate_distortion_figure, switching_gate_figure)
 
 
 def write_figures(runs_dir: str | Path, experiment: str, seeds: list[int]) -> list[Path]:
@@ -93,3 +163,21 @@ def write_figures(runs_dir: str | Path, experiment: str, seeds: list[int]) -> li
         except FileNotFoundError as missing:
             print(f"figures: {figure.__name__} skipped: {missing}")
     return written
+
+
+def figure_script(figure, description: str) -> None:
+    """The command line of an experiments/ figure script: --runs-dir, --experiment, --seeds."""
+    import argparse
+    import sys
+
+    from hrl.cli import seed_list  # the command-line layer sits above this module
+
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs-dir", default="runs")
+    parser.add_argument("--experiment", default="gridworld_quick")
+    parser.add_argument("--seeds", type=seed_list, default=[0, 1, 2], help="comma-separated (default: 0,1,2)")
+    args = parser.parse_args()
+    try:
+        print(f"wrote {figure(args.runs_dir, args.experiment, args.seeds)}")
+    except FileNotFoundError as missing:
+        sys.exit(f"{parser.prog}: {missing}")

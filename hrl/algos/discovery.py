@@ -1,0 +1,268 @@
+"""Phase 2: discover temporally abstract actions with a metacontroller, without subgoal labels.
+
+The metacontroller (hrl.models.metacontroller) reads the residual stream e_{t,l} of the base
+model at layer l (default L/2) and steers it with e_t + U_t e_t. It is trained on the clean
+expert data D* by
+
+    loss = mean over valid steps of [ -log p(a_t | steered model) + alpha * KL(N(mu_t, Sigma_t) || N(0, I)) ]
+
+The KL is paid at every step, not weighted by beta_t, and nothing regularises beta: switching
+costs information only when the new proposal is used, so the gate learns to switch where the
+base model needs new information (paper: at subgoal boundaries). Proposal noise is sampled
+(reparameterised) in training; evaluation uses the proposal means.
+
+Variants (`variant`):
+- "frozen": the base model is frozen, closed over as a constant (its parameters are not in the
+  train state); the paper's method.
+- "beta1": the same with beta fixed to 1, a new z at every step (an ablation).
+- "cotrained": base model and metacontroller trained together from scratch on the same loss
+  (an ablation: the paper sees the switching collapse to a single switch at the start).
+
+The sweep over alpha trains side by side in one update: every parameter (and, co-trained, the
+base model too) has a leading alpha axis, the optimiser acts on each alpha on its own, and the
+frozen base's lower blocks run once for all of them. Evaluation, on held-out episodes of D*,
+gives per alpha the action NLL and the KL (the rate-distortion point) and the switching
+statistics of hrl.analysis.segmentation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from hrl.analysis.segmentation import switching_statistics
+from hrl.data import expert as expert_data
+from hrl.infra.config import check
+from hrl.infra.train_state import TrainState, adamw, independent_along_leading_axis
+from hrl.models.metacontroller import Metacontroller, MetacontrollerConfig, gaussian_kl
+from hrl.models.transformer import Transformer
+
+VARIANTS = ("frozen", "beta1", "cotrained")
+PAPER_ALPHAS = (0.0, 0.05, 0.1, 0.17, 0.3, 0.5, 1.0)
+
+
+@dataclasses.dataclass
+class DiscoveryConfig:
+    """Paper (grid): alpha swept over PAPER_ALPHAS; 64k updates of batch 512; AdamW lr 1e-3, wd 0.03."""
+
+    alphas: tuple[float, ...] = PAPER_ALPHAS
+    layer: int | None = None  # the controlled layer; None: L // 2
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.03
+    max_grad_norm: float = 1.0
+    batch_size: int = 512  # episodes of D* per update
+    num_updates: int = 64000
+    updates_per_chunk: int = 100
+    # "online": fresh episodes of D*'s clean expert inside every update, never the same twice;
+    # "dataset": episodes of the collected D* (without its held-out part). A CPU-sized D* (1024
+    # episodes) was overfitted within 2000 updates: held-out NLL rose from 0.46 to 0.87 at alpha 0.
+    data: str = "online"
+    heldout_fraction: float = 0.2  # the last episodes of D*, for evaluation (and never trained on)
+    switch_threshold: float = 0.5  # beta >= threshold is a switch event
+    # DECIDE (not in the paper): alpha rises linearly from 0 over the first updates. With the full
+    # alpha from the start, the KL pulls every proposal to the prior before the decoder has learnt
+    # to use z; z is then noise, the gate closes for good and z stays 0 (seen in the quick preset).
+    kl_warmup_updates: int = 0
+
+    def validate(self) -> None:
+        for name in ("learning_rate", "max_grad_norm", "batch_size", "num_updates", "updates_per_chunk"):
+            check(getattr(self, name) > 0, name, "must be > 0", getattr(self, name))
+        check(len(self.alphas) >= 1 and all(alpha >= 0 for alpha in self.alphas), "alphas",
+              "must be one or more values >= 0", self.alphas)
+        check(len(set(self.alphas)) == len(self.alphas), "alphas", "must be distinct", self.alphas)
+        check(self.layer is None or self.layer >= 0, "layer", "must be >= 0 (or null: L // 2)", self.layer)
+        check(self.weight_decay >= 0, "weight_decay", "must be >= 0", self.weight_decay)
+        check(self.data in ("online", "dataset"), "data", "must be 'online' or 'dataset'", self.data)
+        check(self.kl_warmup_updates >= 0, "kl_warmup_updates", "must be >= 0", self.kl_warmup_updates)
+        check(0 < self.heldout_fraction < 1, "heldout_fraction", "must be in (0, 1)", self.heldout_fraction)
+        check(0 < self.switch_threshold < 1, "switch_threshold", "must be in (0, 1)", self.switch_threshold)
+        check(self.num_updates % self.updates_per_chunk == 0, "num_updates",
+              f"must be a multiple of updates_per_chunk ({self.updates_per_chunk})", self.num_updates)
+
+    @property
+    def num_chunks(self) -> int:
+        return self.num_updates // self.updates_per_chunk
+
+    def controlled_layer(self, num_layers: int) -> int:
+        return num_layers // 2 if self.layer is None else self.layer
+
+
+def alpha_name(alpha: float) -> str:
+    return f"alpha_{alpha:g}"
+
+
+class Learner(nnx.Module):
+    """What one alpha trains: the metacontroller, and the base model when co-trained."""
+
+    def __init__(self, metacontroller: Metacontroller, base: Transformer | None = None):
+        self.metacontroller = metacontroller
+        self.base = base
+
+
+def init(key: jax.Array, cfg: DiscoveryConfig, meta_cfg: MetacontrollerConfig, variant: str,
+         base: Transformer | Callable[[jax.Array], Transformer]) -> TrainState:
+    """One learner per alpha, stacked on a leading axis. `base` is the frozen base model, or for
+    "cotrained" a function key -> a freshly initialised base model."""
+    check(variant in VARIANTS, "variant", f"must be one of {VARIANTS}", variant)
+    init_key, train_key = jax.random.split(key)
+
+    def make(key):
+        meta_key, base_key = jax.random.split(key)
+        cotrained = base(base_key) if variant == "cotrained" else None
+        width = cotrained.cfg.width if cotrained is not None else base.cfg.width
+        meta = Metacontroller(meta_cfg, width, rngs=nnx.Rngs(params=meta_key), always_switch=variant == "beta1")
+        return Learner(meta, cotrained)
+
+    graphdef, _ = nnx.split(make(init_key))
+    params = jax.vmap(lambda k: nnx.split(make(k))[1])(jax.random.split(init_key, len(cfg.alphas)))
+    optimizer = make_optimizer(cfg)
+    return TrainState(params=params, opt_state=optimizer.init(params), key=train_key, graphdef=graphdef)
+
+
+def make_optimizer(cfg: DiscoveryConfig) -> optax.GradientTransformation:
+    return independent_along_leading_axis(adamw(cfg.learning_rate, cfg.weight_decay, cfg.max_grad_norm))
+
+
+def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+    return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1)
+
+
+def run_learner(learner: Learner, frozen_base: Transformer | None, layer: int, obs: jax.Array,
+                lower: jax.Array | None, actions: jax.Array, mask: jax.Array, noise: jax.Array) -> dict[str, jax.Array]:
+    """One learner on a batch of episodes: per-step action NLL, KL, beta, and the means of the first two.
+    `lower` is the frozen base's e_layer (computed once for all alphas), None when co-trained."""
+    base = learner.base if learner.base is not None else frozen_base
+    e = base.lower(obs, layer) if lower is None else lower
+    sequence = jax.vmap(learner.metacontroller)(e, mask, noise)
+    logits = base.upper(learner.metacontroller.steer(e, sequence.z), layer).action_logits
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, actions)
+    kl = gaussian_kl(sequence.mean, sequence.log_var)
+    return {"nll": nll, "kl": kl, "beta": sequence.beta, "action_nll": masked_mean(nll, mask),
+            "kl_per_step": masked_mean(kl, mask)}
+
+
+def crop_to_longest_episode(dataset: Any) -> Any:
+    """The dataset with its time axis cut after its longest episode: the rest is padding in every
+    episode (D*'s episodes average about a third of the horizon), and the cost is per step."""
+    longest = int(np.max(dataset.lengths))
+    return dataset.replace(**{name: getattr(dataset, name)[:, :longest]
+                              for name in ("obs", "actions", "mask", "subgoals")})
+
+
+Episodes = Callable[[jax.Array], tuple[jax.Array, jax.Array, jax.Array]]  # key -> (obs, actions, mask)
+
+
+def dataset_episodes(dataset: Any, batch_size: int) -> Episodes:
+    """`sample(key)`: `batch_size` episodes of `dataset`, uniformly with replacement."""
+    dataset = crop_to_longest_episode(dataset)
+    obs, actions, mask = jnp.asarray(dataset.obs), jnp.asarray(dataset.actions), jnp.asarray(dataset.mask)
+
+    def sample(key: jax.Array):
+        episodes = jax.random.randint(key, (batch_size,), 0, obs.shape[0])
+        return obs[episodes], actions[episodes], mask[episodes]
+
+    return sample
+
+
+def online_episodes(env: Any, env_params: Any, expert: Callable, batch_size: int) -> Episodes:
+    """`sample(key)`: `batch_size` fresh expert episodes (padded to the horizon), inside jit."""
+
+    def sample(key: jax.Array):
+        episodes = jax.vmap(lambda k: expert_data.rollout_expert(env, env_params, expert, k))(
+            jax.random.split(key, batch_size))
+        return episodes.obs, episodes.actions, episodes.mask
+
+    return sample
+
+
+def make_train_chunk(cfg: DiscoveryConfig, meta_cfg: MetacontrollerConfig, frozen_base: Transformer | None,
+                     layer: int, sample_episodes: Episodes) -> Callable[[TrainState], tuple[TrainState, dict]]:
+    """A jitted `train_chunk(state) -> (state, metrics)` on batches from `sample_episodes`: per
+    alpha `loss`, `action_nll` and `kl` (nats per step), and `mean_beta`. `frozen_base` None:
+    co-trained (the base is in the state)."""
+    alphas = jnp.asarray(cfg.alphas)
+    optimizer = make_optimizer(cfg)
+
+    def loss_fn(params, graphdef, alpha, lower, batch_obs, batch_actions, batch_mask, noise):
+        out = run_learner(nnx.merge(graphdef, params), frozen_base, layer, batch_obs, lower, batch_actions,
+                          batch_mask, noise)
+        loss = out["action_nll"] + alpha * out["kl_per_step"]
+        return loss, (out["action_nll"], out["kl_per_step"], masked_mean(out["beta"], batch_mask))
+
+    def update(state: TrainState, _):
+        key, batch_key, noise_key = jax.random.split(state.key, 3)
+        batch_obs, batch_actions, batch_mask = sample_episodes(batch_key)
+        # The frozen base's lower blocks: once for every alpha, outside the differentiated function.
+        lower = frozen_base.lower(batch_obs, layer) if frozen_base is not None else None
+        noise = jax.random.normal(noise_key, (*batch_actions.shape, meta_cfg.latent_size))
+        updates_done = optax.tree_utils.tree_get(state.opt_state, "count")[0]
+        warmup = jnp.minimum(1.0, (updates_done + 1) / cfg.kl_warmup_updates) if cfg.kl_warmup_updates else 1.0
+        grad_fn = jax.vmap(jax.value_and_grad(loss_fn, has_aux=True), in_axes=(0, None, 0, None, None, None, None, None))
+        (loss, (nll, kl, beta)), grads = grad_fn(state.params, state.graphdef, warmup * alphas, lower, batch_obs,
+                                                 batch_actions, batch_mask, noise)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return state.replace(params=params, opt_state=opt_state, key=key), (loss, nll, kl, beta)
+
+    @jax.jit
+    def train_chunk(state: TrainState):
+        state, values = jax.lax.scan(update, state, length=cfg.updates_per_chunk)
+        metrics = {}
+        for index, alpha in enumerate(cfg.alphas):
+            for name, value in zip(("loss", "action_nll", "kl", "mean_beta"), values):
+                metrics[f"{name}/{alpha_name(alpha)}"] = value[:, index].mean()
+        return state, metrics
+
+    return train_chunk
+
+
+def make_analyse(frozen_base: Transformer | None, layer: int, heldout: Any) -> Callable[[TrainState], dict]:
+    """A jitted `analyse(state)` on the held-out episodes, with the proposal means (no noise): per
+    alpha, [alpha, N, T] arrays `beta`, `nll` and `kl` (zero on padding; T: the longest episode)."""
+    heldout = crop_to_longest_episode(heldout)
+    arrays = jnp.asarray(heldout.obs), jnp.asarray(heldout.actions), jnp.asarray(heldout.mask)
+
+    @jax.jit
+    def analyse_arrays(state: TrainState, obs, actions, mask):  # arguments, not constants: XLA would fold them
+        lower = frozen_base.lower(obs, layer) if frozen_base is not None else None
+
+        def per_alpha(params):
+            learner = nnx.merge(state.graphdef, params)
+            noise = jnp.zeros((*actions.shape, learner.metacontroller.cfg.latent_size))
+            out = run_learner(learner, frozen_base, layer, obs, lower, actions, mask, noise)
+            return {name: jnp.where(mask, out[name], 0.0) for name in ("beta", "nll", "kl")}
+
+        return jax.lax.map(per_alpha, state.params)  # one alpha at a time bounds memory
+
+    def analyse(state: TrainState):
+        return analyse_arrays(state, *arrays)
+
+    return analyse
+
+
+def make_evaluate(cfg: DiscoveryConfig, frozen_base: Transformer | None, layer: int, heldout: Any
+                  ) -> Callable[[TrainState], dict[str, jax.Array]]:
+    """An `evaluate(state)`: per alpha on the held-out episodes, `heldout_action_nll` and
+    `heldout_kl` (nats per step: the rate-distortion point) and the switching statistics."""
+    analyse = make_analyse(frozen_base, layer, heldout)
+    heldout = crop_to_longest_episode(heldout)
+    subgoals, mask = jnp.asarray(heldout.subgoals), jnp.asarray(heldout.mask)
+
+    def evaluate(state: TrainState):
+        arrays = analyse(state)
+        metrics = {}
+        for index, alpha in enumerate(cfg.alphas):
+            name = alpha_name(alpha)
+            metrics[f"heldout_action_nll/{name}"] = masked_mean(arrays["nll"][index], mask)
+            metrics[f"heldout_kl/{name}"] = masked_mean(arrays["kl"][index], mask)
+            statistics = switching_statistics(arrays["beta"][index], subgoals, mask, cfg.switch_threshold)
+            metrics.update({f"{stat}/{name}": value for stat, value in statistics.items()})
+        return metrics
+
+    return evaluate
