@@ -9,7 +9,10 @@ expert data D* by
 The KL is paid at every step, not weighted by beta_t, and nothing regularises beta: switching
 costs information only when the new proposal is used, so the gate learns to switch where the
 base model needs new information (paper: at subgoal boundaries). Proposal noise is sampled
-(reparameterised) in training; evaluation uses the proposal means.
+(reparameterised) in training; evaluation uses the proposal means. Two departures, both DECIDE
+and off in the paper preset except the first: episodes can be fresh clean-expert episodes
+generated in the update (`data: online`) instead of a fixed D*, and alpha can ramp up from 0
+(`kl_warmup_updates`).
 
 Variants (`variant`):
 - "frozen": the base model is frozen, closed over as a constant (its parameters are not in the

@@ -33,6 +33,7 @@ class MetricsWriter:
         self.latest: dict[str, float] = {}
         self._jsonl_path = self.run_path / METRICS_FILE
         self._keep_lines_up_to(resume_step)
+        self._wait_past_existing_event_files()
         self._events = EventFileWriter(str(self.run_path))
         self._events.add_event(
             event_pb2.Event(
@@ -63,6 +64,15 @@ class MetricsWriter:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+    def _wait_past_existing_event_files(self) -> None:
+        """TensorBoard reads a run's event files in name order, and a name starts with the second
+        it was created in, then host, pid and a per-process counter as strings: two files of the
+        same second can sort backwards (counter "10" before "9") and the resume's START event would
+        then come first. Starting in a later second keeps the order."""
+        seconds = [int(path.name.split(".")[3]) for path in self.run_path.glob("events.out.tfevents.*")]
+        while seconds and int(time.time()) <= max(seconds):
+            time.sleep(0.05)
 
     def _keep_lines_up_to(self, resume_step: int) -> None:
         """Rewrite metrics.jsonl with the lines at steps <= resume_step, remembering their values."""

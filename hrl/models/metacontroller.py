@@ -12,6 +12,9 @@ Per time step t of an episode (paper, phase 2; e_t is the unsteered residual e_{
 
 The last layer of the decoder's B (or of the full U) starts at zero, so U is exactly zero at the
 start and the steered model is the base model. A is random, otherwise B would get no gradient.
+The gate starts open and the proposals start narrow (`initial_switch_bias`,
+`initial_log_variance`, DECIDE): with a half-shut gate and unit-variance proposals, the gate shut
+for good within 500 updates in the quick preset, before the encoder had learnt anything.
 
 Two implementations of the same recurrence, kept equal by a test: `__call__` runs a whole episode
 (the history GRU in one scan, the encoder on every step at once, only the switching unit and the
@@ -80,10 +83,9 @@ def gaussian_kl(mean: jax.Array, log_var: jax.Array) -> jax.Array:
 class MLP(nnx.Module):
     """One ReLU hidden layer."""
 
-    def __init__(self, sizes: tuple[int, int, int], rngs: nnx.Rngs, zero_output: bool = False):
+    def __init__(self, sizes: tuple[int, int, int], rngs: nnx.Rngs):
         self.hidden = nnx.Linear(sizes[0], sizes[1], rngs=rngs)
-        zeros = nnx.initializers.zeros_init()
-        self.out = nnx.Linear(sizes[1], sizes[2], rngs=rngs, **({"kernel_init": zeros} if zero_output else {}))
+        self.out = nnx.Linear(sizes[1], sizes[2], rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.out(jax.nn.relu(self.hidden(x)))
