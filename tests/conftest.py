@@ -2,10 +2,13 @@
 
 import shutil
 
+import jax
+import numpy as np
 import pytest
 
 from hrl.algos import pretrain
-from hrl.experiment import ExperimentConfig, run_collect, run_pretrain
+from hrl.data.expert import load_dataset
+from hrl.experiment import EXPERT_DATA_CLEAN, ExperimentConfig, load_base_model, run_collect, run_pretrain
 from hrl.infra.config import load_config
 
 # Seconds on a CPU: short episodes, a one-block transformer, a few updates of each stage. epsilon 0
@@ -43,3 +46,22 @@ def runs_copy(pretrained_runs, tmp_path):
     runs, tiny = pretrained_runs
     shutil.copytree(runs, tmp_path / "runs")
     return tmp_path / "runs", tiny
+
+
+@pytest.fixture(scope="session")
+def base(pretrained_runs):
+    """The tiny pretrained base model."""
+    runs, tiny = pretrained_runs
+    return load_base_model(load_config(ExperimentConfig, "gridworld/quick", tiny), runs).module()
+
+
+@pytest.fixture(scope="session")
+def clean_data(pretrained_runs):
+    """The tiny run's D*."""
+    runs, _ = pretrained_runs
+    return load_dataset(runs / "tiny" / "collect" / "seed_0" / EXPERT_DATA_CLEAN)
+
+
+def host_copy(tree):
+    """A copy in host memory, to compare a model's parameters before and after training."""
+    return jax.tree.map(np.array, tree)

@@ -13,31 +13,16 @@ from envs.grid_pinpad import GridPinpad
 from hrl import cli
 from hrl.algos import controllers
 from hrl.analysis.figures import write_figures
-from hrl.data.expert import load_dataset
-from hrl.experiment import EXPERT_DATA_CLEAN, ExperimentConfig, load_base_model
-from hrl.infra.config import load_config
 from hrl.infra.rundir import RunDir
 from hrl.models import rollout
 from hrl.models.transformer import Output
+from conftest import host_copy
 
 ENV = GridPinpad(horizon=40)  # the tiny pipeline's environment (uniform layouts, horizon 40)
 NUM_SUBGOALS = 4
 
 
-@pytest.fixture(scope="module")
-def clean_data(pretrained_runs):
-    runs, _ = pretrained_runs
-    return load_dataset(runs / "tiny" / "collect" / "seed_0" / EXPERT_DATA_CLEAN)
 
-
-@pytest.fixture(scope="module")
-def base(pretrained_runs):
-    runs, tiny = pretrained_runs
-    return load_base_model(load_config(ExperimentConfig, "gridworld/quick", tiny), runs).module()
-
-
-def host_copy(tree):
-    return jax.tree.map(np.array, tree)
 
 
 def test_controllers_learn_and_leave_the_base_model_bitwise_unchanged(clean_data, base):

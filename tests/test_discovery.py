@@ -13,31 +13,17 @@ from hrl.algos import discovery
 from hrl.algos.probe import split_episodes
 from hrl.analysis.figures import write_figures
 from hrl.analysis.segmentation import subgoal_boundaries, switching_statistics
-from hrl.data.expert import load_dataset
-from hrl.experiment import DISCOVERY_ANALYSIS, EXPERT_DATA_CLEAN, ExperimentConfig, load_base_model
-from hrl.infra.config import load_config
+from hrl.experiment import DISCOVERY_ANALYSIS
 from hrl.infra.rundir import RunDir
 from hrl.models.metacontroller import MetacontrollerConfig
 from hrl.models.transformer import Transformer
+from conftest import host_copy
 
 META = MetacontrollerConfig(history_size=8, summary_size=8, encoder_hidden=16, switch_hidden=8, decoder_hidden=8,
                             rank=4)
 
 
-@pytest.fixture(scope="module")
-def clean_data(pretrained_runs):
-    runs, _ = pretrained_runs
-    return load_dataset(runs / "tiny" / "collect" / "seed_0" / EXPERT_DATA_CLEAN)
 
-
-@pytest.fixture(scope="module")
-def base(pretrained_runs):
-    runs, tiny = pretrained_runs
-    return load_base_model(load_config(ExperimentConfig, "gridworld/quick", tiny), runs).module()
-
-
-def host_copy(tree):
-    return jax.tree.map(np.array, tree)
 
 
 def train(state, train_chunk, num_chunks):

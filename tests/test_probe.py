@@ -10,9 +10,9 @@ from hrl import cli
 from hrl.algos import probe
 from hrl.analysis.figures import probe_accuracy_figure
 from hrl.data.expert import load_dataset
-from hrl.experiment import EXPERT_DATA, ExperimentConfig, load_base_model
-from hrl.infra.config import load_config
+from hrl.experiment import EXPERT_DATA
 from hrl.infra.rundir import RunDir
+from conftest import host_copy
 
 NUM_SUBGOALS = 4
 
@@ -23,14 +23,6 @@ def dataset(pretrained_runs):
     return load_dataset(runs / "tiny" / "collect" / "seed_0" / EXPERT_DATA)
 
 
-@pytest.fixture(scope="module")
-def base(pretrained_runs):
-    runs, tiny = pretrained_runs
-    return load_base_model(load_config(ExperimentConfig, "gridworld/quick", tiny), runs).module()
-
-
-def host_copy(tree):
-    return jax.tree.map(np.array, tree)
 
 
 def test_probes_learn_and_leave_the_base_model_bitwise_unchanged(dataset, base):
