@@ -264,3 +264,22 @@ def test_metrics_lines_are_json_objects_with_step(tmp_path):
     record = json.loads(line)
     assert record["step"] == 5 and isinstance(record["loss"], float)
     assert os.path.isfile(tmp_path / "run" / "config.yaml")
+
+
+def test_kernel_only_weight_decay_leaves_biases_norms_and_position_biases_alone():
+    from flax import nnx
+
+    from hrl.infra.train_state import adamw
+    from hrl.models.transformer import Transformer, TransformerConfig
+
+    cfg = TransformerConfig(num_layers=1, width=8, num_heads=2, mlp_width=8, max_len=4, relpos_init_slope=1.0)
+    params = nnx.split(Transformer(cfg, 5, 3, rngs=nnx.Rngs(0)))[1]
+    zero_grads = jax.tree.map(jnp.zeros_like, params)
+    for kernels_only in (True, False):
+        optimizer = adamw(0.1, weight_decay=0.5, max_grad_norm=1.0, decay_kernels_only=kernels_only)
+        updates, _ = optimizer.update(zero_grads, optimizer.init(params), params)
+        decayed = nnx.to_pure_dict(jax.tree.map(lambda u: bool(jnp.any(u != 0)), updates))
+        block = decayed["blocks"][0]
+        assert block["attention"]["qkv"]["kernel"] and decayed["action_head"]["kernel"]
+        assert block["attention"]["relpos_bias"] != kernels_only
+        assert block["mlp_norm"]["scale"] != kernels_only

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hrl.models.transformer import Transformer, TransformerConfig, relative_position_bucket
+from hrl.models.transformer import Transformer, TransformerConfig, initial_relpos_bias, relative_position_bucket
 
 CFG = TransformerConfig(num_layers=3, width=32, num_heads=4, mlp_width=64, max_len=16)
 OBS_DIM = 637
@@ -76,11 +76,20 @@ def test_relative_position_buckets():
     assert bool(jnp.all(jnp.diff(buckets) >= 0)) and int(buckets.max()) == 31
 
 
+def test_recency_prior_of_the_position_bias():
+    paper = Transformer(CFG, OBS_DIM, 4, rngs=nnx.Rngs(0)).blocks[0].attention.relpos_bias[...]
+    assert not np.any(np.asarray(paper))  # slope 0: the paper's zero start
+    bias = np.asarray(initial_relpos_bias(TransformerConfig(num_heads=4, relpos_init_slope=2.0)))
+    np.testing.assert_allclose(np.diff(bias, axis=0), np.broadcast_to([-2.0, -0.5, -0.125, -0.03125], (31, 4)))
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="num_heads"):
         TransformerConfig(width=30, num_heads=4).validate()
     with pytest.raises(ValueError, match="init_scale"):
         TransformerConfig(init_scale=0).validate()
+    with pytest.raises(ValueError, match="relpos_init_slope"):
+        TransformerConfig(relpos_init_slope=-1).validate()
 
 
 def test_egocentric_encoder_centres_the_agent():

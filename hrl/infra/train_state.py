@@ -28,9 +28,18 @@ class TrainState:
         return nnx.merge(self.graphdef, self.params)
 
 
-def adamw(learning_rate: float | optax.Schedule, weight_decay: float, max_grad_norm: float) -> optax.GradientTransformation:
-    """AdamW after clipping the global gradient norm: the optimiser of every supervised phase."""
-    return optax.chain(optax.clip_by_global_norm(max_grad_norm), optax.adamw(learning_rate, weight_decay=weight_decay))
+def adamw(learning_rate: float | optax.Schedule, weight_decay: float, max_grad_norm: float,
+          decay_kernels_only: bool = False) -> optax.GradientTransformation:
+    """AdamW after clipping the global gradient norm: the optimiser of every supervised phase.
+    With `decay_kernels_only`, weight decay leaves biases, norms and position biases alone."""
+    mask = kernels if decay_kernels_only else None
+    return optax.chain(optax.clip_by_global_norm(max_grad_norm), optax.adamw(learning_rate, weight_decay=weight_decay, mask=mask))
+
+
+def kernels(params) -> object:
+    """The pytree of `params` with True at every weight matrix named "kernel", else False."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: any(getattr(key, "key", None) == "kernel" for key in path), params)
 
 
 def independent_along_leading_axis(optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
