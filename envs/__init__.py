@@ -35,6 +35,25 @@ def _grid_pinpad(**kwargs) -> Env:
 register("GridPinpad-v0", _grid_pinpad)
 
 
+def _grid_goal(**kwargs) -> Env:
+    from envs.grid_goal import GridGoal
+
+    return GridGoal(**kwargs)
+
+
+def _grid_pinpad_goal(**kwargs) -> Env:
+    """gridworld-pinpad's post-training task as goal reaching: progress in the observation,
+    "task complete" as the goal (envs/goals.py)."""
+    from envs.goals import PinpadProgressGoal
+    from envs.grid_pinpad import GridPinpad
+
+    return PinpadProgressGoal(GridPinpad(**kwargs))
+
+
+register("GridGoal-v0", _grid_goal)
+register("GridPinpadGoal-v0", _grid_pinpad_goal)
+
+
 def _register_with_gymnasium() -> None:
     """Makes `gymnasium.make("hrl/GridPinpad-v0")` and `gymnasium.make_vec(...)` work after
     `import envs`. The adapters (envs/gymnasium.py) load only when an environment is made."""

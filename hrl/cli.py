@@ -5,6 +5,7 @@
     hrl render   [--preset ...] [--episode N] [--clean] [--output PATH] [--fps F] [key.sub=value ...]
     hrl probe | hrl controllers   (same options as collect)
     hrl discover [--variant frozen|beta1|cotrained]   (same options as collect)
+    hrl crl      [--preset gridworld/crl_quick] ...   (same options as collect)
 
 User errors (bad config, a run directory made with another config) print one line and exit
 with code 2; a training run stopped by a non-finite metric prints one line and exits with 1.
@@ -29,6 +30,7 @@ from hrl.experiment import (
     run_bc,
     run_collect,
     run_controllers,
+    run_crl,
     run_discovery,
     run_pretrain,
     run_probe,
@@ -74,6 +76,10 @@ def controllers_command(config: ExperimentConfig, args: argparse.Namespace) -> N
 
 def discover_command(config: ExperimentConfig, args: argparse.Namespace) -> None:
     run_discovery(config, args.runs_dir, overwrite=args.overwrite, variant=args.variant)
+
+
+def crl_command(config: ExperimentConfig, args: argparse.Namespace) -> None:
+    run_crl(config, args.runs_dir, overwrite=args.overwrite)
 
 
 def render_command(config: ExperimentConfig, args: argparse.Namespace) -> None:
@@ -148,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     discover.add_argument("--variant", choices=DISCOVERY_VARIANTS, default="frozen",
                           help="frozen base model (the method), beta fixed to 1, or base and metacontroller "
                                "co-trained from scratch (default: %(default)s)")
+    crl = add("crl", crl_command,
+              "contrastive goal-conditioned RL from scratch on a goal-reaching environment (stage 'crl'; "
+              "default preset gridworld/crl_quick: the post-training task; gridworld/crl_goal_quick: reach a cell)",
+              [common, stage])
+    crl.set_defaults(default_preset="gridworld/crl_quick")
     render = add("render", render_command, "draw one episode of the collected expert data as a GIF", [common])
     render.add_argument("--episode", type=int, default=0, help="episode index in the dataset (default: %(default)s)")
     render.add_argument("--clean", action="store_true", help="from D* (epsilon 0) instead of D")
@@ -167,7 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.overrides = [*args.overrides, *leftover]
     try:
         seed = [f"run.seed={args.seed}"] if args.seed is not None else []
-        preset = args.preset or f"{getattr(args, 'family', 'gridworld')}/quick"
+        preset = args.preset or getattr(args, "default_preset", None) or f"{getattr(args, 'family', 'gridworld')}/quick"
         config = load_config(ExperimentConfig, preset, [*args.overrides, *seed])
         if args.show_config:
             print(to_yaml(config), end="")

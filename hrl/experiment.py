@@ -21,9 +21,10 @@ from flax import nnx
 import envs
 from envs.experts import make_expert, make_labelled_expert
 
-from hrl.algos import bc, controllers, discovery, pretrain, probe
+from hrl.algos import bc, controllers, crl, discovery, pretrain, probe
 from hrl.algos.bc import BCConfig
 from hrl.algos.controllers import ControllerConfig
+from hrl.algos.crl import CRLConfig
 from hrl.algos.discovery import DiscoveryConfig
 from hrl.algos.pretrain import PretrainConfig
 from hrl.algos.probe import ProbeConfig
@@ -74,12 +75,14 @@ class ExperimentConfig:
     controllers: ControllerConfig = dataclasses.field(default_factory=ControllerConfig)
     metacontroller: MetacontrollerConfig = dataclasses.field(default_factory=MetacontrollerConfig)
     discovery: DiscoveryConfig = dataclasses.field(default_factory=DiscoveryConfig)
+    crl: CRLConfig = dataclasses.field(default_factory=CRLConfig)
     loop: LoopConfig = dataclasses.field(default_factory=LoopConfig)
 
     def validate(self) -> None:
         check(self.model.max_len >= self.env.horizon, "model.max_len",
               f"must be >= env.horizon ({self.env.horizon}) so rollouts fit the cache", self.model.max_len)
-        num_tasks = self.env.make().pretrain_params().tasks.size
+        env = self.env.make()
+        num_tasks = env.pretrain_params().tasks.size if hasattr(env, "pretrain_params") else 1  # goal reaching has none
         check(self.bc.eval_task < num_tasks, "bc.eval_task", f"must be < {num_tasks} (pretraining tasks)",
               self.bc.eval_task)
         check(all(layer <= self.model.num_layers for layer in self.controllers.layers), "controllers.layers",
@@ -100,6 +103,7 @@ STAGE_SECTIONS = {
     "discovery": ("env", "collect", "model", "pretrain", "metacontroller", "discovery"),
     "discovery_beta1": ("env", "collect", "model", "pretrain", "metacontroller", "discovery"),
     "discovery_cotrained": ("env", "collect", "model", "metacontroller", "discovery"),  # no pretrained base
+    "crl": ("env", "crl"),  # no pretrained model: CRL learns from its own experience
 }
 
 # The stage of each discovery variant (hrl.algos.discovery.VARIANTS).
@@ -355,6 +359,42 @@ def run_discovery(config: ExperimentConfig, runs_dir: str | Path, overwrite: boo
     print(f"{stage}: done ({run.path}): held-out switch F1 (share of beta in (0.1, 0.9)) by alpha "
           + ", ".join(f"{alpha}: {values['f1']:.3f} ({values['intermediate_beta_share']:.3f})"
                       for alpha, values in by_alpha.items()))
+    return run
+
+
+def run_crl(config: ExperimentConfig, runs_dir: str | Path, overwrite: bool = False, stage: str = "crl") -> RunDir:
+    """Contrastive goal-conditioned RL on `env` (a goal-reaching environment, envs.goals), from
+    scratch. `stage` names the run directory (runs/<experiment>/<stage>/seed_<k>/): the depth
+    sweep runs one stage per depth; all share the "crl" key, so depths differ only in the networks.
+    metrics.jsonl holds `episodes` (training episodes so far) next to `eval/success_rate`: the
+    success-vs-episodes curve of the paper's Fig. 8."""
+    env = config.env.make()
+    crl.check_env_fits(config.crl, env)  # before any work
+    run = RunDir.open(RunDir.path_for(runs_dir, config.run.experiment, stage, config.run.seed),
+                      stage_config(config, "crl"), overwrite=overwrite)
+    if run.is_complete:
+        print(f"{stage}: complete, skipped ({run.path})")
+        return run
+    env_params = env.default_params
+    init_key, eval_key = jax.random.split(stage_key(config, "crl"))
+    cfg = config.crl
+    result = run_training(
+        run,
+        crl.init(init_key, cfg, env, env_params),
+        crl.make_train_chunk(cfg, env, env_params),
+        cfg.num_chunks,
+        steps_per_chunk=cfg.updates_per_chunk,
+        loop=config.loop,
+        evaluate=crl.make_evaluate(cfg, env, env_params, eval_key),
+        description=stage,
+    )
+    metrics = result.summary["metrics"]
+    run.mark_complete({**result.summary, "env": env.name, "episodes": metrics["episodes"],
+                       "env_steps": metrics["env_steps"], "success_rate": metrics["eval/success_rate"],
+                       "greedy_success_rate": metrics["eval/greedy_success_rate"]})
+    print(f"{stage}: done ({run.path}): {env.name} success {metrics['eval/success_rate']:.3f} "
+          f"(greedy {metrics['eval/greedy_success_rate']:.3f}) after {metrics['episodes']:.0f} training episodes, "
+          f"{result.summary['run_s'] + result.summary['compile_s']:.0f} s")
     return run
 
 
