@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hrl.models import encoders
-from hrl.models.transformer import Intervention, Output
+from hrl.models.transformer import Intervention, Output, ResidualStreamModel
 
 GATE_EXPONENT = 8.0  # c in a_t = a ** (c r_t)
 
@@ -136,7 +136,8 @@ class RecurrentBlock(nnx.Module):
         y = self.mlp_norm(x)
         return x + self.mlp_out(jax.nn.gelu(self.mlp_gate(y)) * self.mlp_in(y))
 
-    def __call__(self, x: jax.Array, segments: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, segments: jax.Array | None = None) -> jax.Array:
+        segments = _single_segment(x) if segments is None else segments
         y = self.mix_norm(x)
         starts = segments != jnp.pad(segments, [(0, 0)] * (segments.ndim - 1) + [(1, 0)], constant_values=-1)[..., :-1]
         recurrent = self.rg_lru(self.conv(self.recurrent_branch(y), segments), starts)
@@ -150,7 +151,7 @@ class RecurrentBlock(nnx.Module):
         return self.mlp(x + self.mix_out(jax.nn.gelu(self.gate_branch(y)) * h)), (h, window)
 
 
-class Hawk(nnx.Module):
+class Hawk(ResidualStreamModel):
     def __init__(
         self,
         cfg: HawkConfig,
@@ -162,59 +163,18 @@ class Hawk(nnx.Module):
     ):
         cfg.validate()
         init = nnx.initializers.variance_scaling(cfg.init_scale, "fan_in", "truncated_normal")
-        self.cfg = cfg
-        self.grid_shape = grid_shape
-        features = encoders.feature_dim(cfg.encoder, obs_dim, grid_shape)
-        self.embedding = nnx.Linear(features, cfg.width, kernel_init=init, rngs=rngs)
-        self.blocks = nnx.List([RecurrentBlock(cfg, init, rngs) for _ in range(cfg.num_layers)])
-        self.final_norm = nnx.RMSNorm(cfg.width, rngs=rngs)
-        self.action_head = nnx.Linear(cfg.width, num_actions, kernel_init=init, rngs=rngs)
-        self.obs_head = nnx.Linear(cfg.width, obs_dim, kernel_init=init, rngs=rngs)
-
-    @property
-    def num_layers(self) -> int:
-        return self.cfg.num_layers
-
-    def embed(self, obs: jax.Array) -> jax.Array:
-        return encoders.embed(self.cfg.encoder, obs, self.embedding.kernel[...], self.embedding.bias[...], self.grid_shape)
-
-    def heads(self, e_last: jax.Array) -> Output:
-        x = self.final_norm(e_last)
-        return Output(self.action_head(x), self.obs_head(x))
+        self._build(cfg, obs_dim, num_actions, grid_shape, init, lambda: RecurrentBlock(cfg, init, rngs), nnx.RMSNorm, rngs)
 
     def lower(self, obs: jax.Array, layer: int, segments: jax.Array | None = None) -> jax.Array:
         e = self.embed(obs)
-        segments = _single_segment(e) if segments is None else segments
         for block in self.blocks[:layer]:
             e = block(e, segments)
         return e
 
     def upper(self, e: jax.Array, layer: int, segments: jax.Array | None = None) -> Output:
-        segments = _single_segment(e) if segments is None else segments
         for block in self.blocks[layer:]:
             e = block(e, segments)
         return self.heads(e)
-
-    def __call__(
-        self,
-        obs: jax.Array,
-        intervention: Intervention | None = None,
-        layer: int | None = None,
-        segments: jax.Array | None = None,
-    ) -> Output:
-        """As `Transformer.__call__`: the heads and every residual e_0 .. e_L."""
-        if intervention is not None and layer is None:
-            raise ValueError("an intervention needs the layer it acts on")
-        e = self.embed(obs)
-        segments = _single_segment(e) if segments is None else segments
-        residuals = []
-        for index in range(self.num_layers + 1):
-            if index == layer and intervention is not None:
-                e = intervention(e)
-            residuals.append(e)
-            if index < self.num_layers:
-                e = self.blocks[index](e, segments)
-        return self.heads(e)._replace(residuals=jnp.stack(residuals))
 
     # --- step-by-step decoding
 

@@ -139,24 +139,20 @@ class Block(nnx.Module):
         return self.mlp(x + self.attention(self.attention_norm(x), segments))
 
 
-class Transformer(nnx.Module):
-    def __init__(
-        self,
-        cfg: TransformerConfig,
-        obs_dim: int,
-        num_actions: int,
-        *,
-        grid_shape: tuple[int, int, int] | None = None,
-        rngs: nnx.Rngs,
-    ):
-        cfg.validate()
-        init = nnx.initializers.variance_scaling(cfg.init_scale, "fan_in", "truncated_normal")
+class ResidualStreamModel(nnx.Module):
+    """What every base model shares (this transformer, `hrl.models.hawk.Hawk`): the observation's
+    linear embedding e_0, `num_layers` blocks that each map the residual stream [..., T, width]
+    (with packed `segments`) to the next, and the heads on the normalised last residual."""
+
+    def _build(self, cfg, obs_dim: int, num_actions: int, grid_shape, init, make_block, norm, rngs: nnx.Rngs):
+        """Creates the embedding, then the blocks (`make_block()` each), then the heads: in this
+        order, so that a given key gives the same parameters as before the backbones shared it."""
         self.cfg = cfg
         self.grid_shape = grid_shape
         features = encoders.feature_dim(cfg.encoder, obs_dim, grid_shape)
         self.embedding = nnx.Linear(features, cfg.width, kernel_init=init, rngs=rngs)
-        self.blocks = nnx.List([Block(cfg, init, rngs) for _ in range(cfg.num_layers)])
-        self.final_norm = nnx.LayerNorm(cfg.width, rngs=rngs)
+        self.blocks = nnx.List([make_block() for _ in range(cfg.num_layers)])
+        self.final_norm = norm(cfg.width, rngs=rngs)
         self.action_head = nnx.Linear(cfg.width, num_actions, kernel_init=init, rngs=rngs)
         self.obs_head = nnx.Linear(cfg.width, obs_dim, kernel_init=init, rngs=rngs)
 
@@ -172,6 +168,45 @@ class Transformer(nnx.Module):
         x = self.final_norm(e_last)
         return Output(self.action_head(x), self.obs_head(x))
 
+    def __call__(
+        self,
+        obs: jax.Array,
+        intervention: Intervention | None = None,
+        layer: int | None = None,
+        segments: jax.Array | None = None,
+    ) -> Output:
+        """Full causal forward over obs [..., T, obs_dim]; e_layer <- intervention(e_layer) if
+        given. Returns the heads and every residual e_0 .. e_L.
+
+        `segments` [..., T] (integers) packs several episodes into one sequence: a step sees only
+        earlier steps of its own segment, so each episode's outputs are those it would have alone."""
+        if intervention is not None and layer is None:
+            raise ValueError("an intervention needs the layer it acts on")
+        e = self.embed(obs)
+        residuals = []
+        for index in range(self.num_layers + 1):
+            if index == layer and intervention is not None:
+                e = intervention(e)
+            residuals.append(e)
+            if index < self.num_layers:
+                e = self.blocks[index](e, segments)
+        return self.heads(e)._replace(residuals=jnp.stack(residuals))
+
+
+class Transformer(ResidualStreamModel):
+    def __init__(
+        self,
+        cfg: TransformerConfig,
+        obs_dim: int,
+        num_actions: int,
+        *,
+        grid_shape: tuple[int, int, int] | None = None,
+        rngs: nnx.Rngs,
+    ):
+        cfg.validate()
+        init = nnx.initializers.variance_scaling(cfg.init_scale, "fan_in", "truncated_normal")
+        self._build(cfg, obs_dim, num_actions, grid_shape, init, lambda: Block(cfg, init, rngs), nnx.LayerNorm, rngs)
+
     def lower(self, obs: jax.Array, layer: int) -> jax.Array:
         """obs [..., T, obs_dim] -> e_layer [..., T, width]."""
         e = self.embed(obs)
@@ -184,31 +219,6 @@ class Transformer(nnx.Module):
         for block in self.blocks[layer:]:
             e = block(e)
         return self.heads(e)
-
-    def __call__(
-        self,
-        obs: jax.Array,
-        intervention: Intervention | None = None,
-        layer: int | None = None,
-        segments: jax.Array | None = None,
-    ) -> Output:
-        """Full causal forward over obs [..., T, obs_dim]; e_layer <- intervention(e_layer) if
-        given. Returns the heads and every residual e_0 .. e_L.
-
-        `segments` [..., T] (integers) packs several episodes into one sequence: a step attends
-        only to earlier steps of its own segment, so each episode's outputs are those it would
-        have alone (positions are relative)."""
-        if intervention is not None and layer is None:
-            raise ValueError("an intervention needs the layer it acts on")
-        e = self.embed(obs)
-        residuals = []
-        for index in range(self.num_layers + 1):
-            if index == layer and intervention is not None:
-                e = intervention(e)
-            residuals.append(e)
-            if index < self.num_layers:
-                e = self.blocks[index](e, segments)
-        return self.heads(e)._replace(residuals=jnp.stack(residuals))
 
     # --- incremental decoding
 
