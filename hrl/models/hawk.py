@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hrl.models import encoders
-from hrl.models.transformer import Intervention, Output, ResidualStreamModel
+from hrl.models.transformer import Output, ResidualStreamModel
 
 GATE_EXPONENT = 8.0  # c in a_t = a ** (c r_t)
 
@@ -188,26 +188,21 @@ class Hawk(ResidualStreamModel):
             "t": jnp.zeros(batch_shape, jnp.int32),
         }
 
-    def step(
-        self, cache: dict[str, jax.Array], obs: jax.Array, intervention: Intervention | None = None, layer: int | None = None
-    ) -> tuple[Output, dict[str, jax.Array], jax.Array]:
-        """As `Transformer.step`: one observation [obs_dim] (vmap for batches)."""
-        e = self.embed(obs)
-        e_at_layer = e
-        hs, windows = [], []
-        for index in range(self.num_layers + 1):
-            if index == layer:
-                e = intervention(e) if intervention is not None else e
-                e_at_layer = e
-            if index == self.num_layers:
-                break
-            e, (h, window) = self.blocks[index].step((cache["h"][index], cache["conv"][index]), e)
-            hs.append(h)
-            windows.append(window)
-        if layer is None:
-            e_at_layer = e
-        new_cache = {"h": jnp.stack(hs), "conv": jnp.stack(windows), "t": cache["t"] + 1}
-        return self.heads(e), new_cache, e_at_layer
+    def step_lower(self, cache: dict[str, jax.Array], obs: jax.Array, layer: int) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """As `Transformer.step_lower`: one observation [obs_dim] (vmap for batches)."""
+        return self._step_blocks(cache, self.embed(obs), 0, layer)
+
+    def step_upper(self, cache: dict[str, jax.Array], e: jax.Array, layer: int) -> tuple[Output, dict[str, jax.Array]]:
+        e, cache = self._step_blocks(cache, e, layer, self.num_layers)
+        return self.heads(e), {**cache, "t": cache["t"] + 1}
+
+    def _step_blocks(self, cache: dict[str, jax.Array], e: jax.Array, start: int, stop: int
+                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        hs, windows = cache["h"], cache["conv"]
+        for index in range(start, stop):
+            e, (h, window) = self.blocks[index].step((hs[index], windows[index]), e)
+            hs, windows = hs.at[index].set(h), windows.at[index].set(window)
+        return e, {"h": hs, "conv": windows, "t": cache["t"]}
 
 
 def _single_segment(e: jax.Array) -> jax.Array:

@@ -193,6 +193,23 @@ class ResidualStreamModel(nnx.Module):
         return self.heads(e)._replace(residuals=jnp.stack(residuals))
 
 
+    def step(
+        self, cache: dict[str, jax.Array], obs: jax.Array, intervention: Intervention | None = None, layer: int | None = None
+    ) -> tuple[Output, dict[str, jax.Array], jax.Array]:
+        """One time step of incremental decoding: obs [obs_dim] (vmap for batches), e_layer <-
+        intervention(e_layer) if given. Returns (heads' outputs, the updated cache, e_layer after
+        the intervention; e_L if no layer). The backbone provides `init_cache`, `step_lower` and
+        `step_upper`; the two halves let a caller read e_layer before deciding how to steer it."""
+        if intervention is not None and layer is None:
+            raise ValueError("an intervention needs the layer it acts on")
+        layer = self.num_layers if layer is None else layer
+        e, cache = self.step_lower(cache, obs, layer)
+        if intervention is not None:
+            e = intervention(e)
+        out, cache = self.step_upper(cache, e, layer)
+        return out, cache, e
+
+
 class Transformer(ResidualStreamModel):
     def __init__(
         self,
@@ -229,30 +246,27 @@ class Transformer(ResidualStreamModel):
         shape = (*batch_shape, self.num_layers, self.cfg.max_len, self.cfg.num_heads, head_dim)
         return {"k": jnp.zeros(shape), "v": jnp.zeros(shape), "t": jnp.zeros(batch_shape, jnp.int32)}
 
-    def step(
-        self, cache: dict[str, jax.Array], obs: jax.Array, intervention: Intervention | None = None, layer: int | None = None
-    ) -> tuple[Output, dict[str, jax.Array], jax.Array]:
-        """One time step: obs [obs_dim] (vmap for batches) at position cache["t"].
+    def step_lower(self, cache: dict[str, jax.Array], obs: jax.Array, layer: int) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """The embedding and blocks 1..layer of one time step: obs [obs_dim] (vmap for batches) at
+        position cache["t"] -> (e_layer [width], the cache with those blocks' keys and values)."""
+        return self._step_blocks(cache, self.embed(obs), 0, layer)
 
-        Returns (heads' outputs, the updated cache, e_layer after the intervention; e_L if no layer).
-        """
+    def step_upper(self, cache: dict[str, jax.Array], e: jax.Array, layer: int) -> tuple[Output, dict[str, jax.Array]]:
+        """Blocks layer+1..L and the heads of the step `step_lower` began; the cache moves on a step."""
+        e, cache = self._step_blocks(cache, e, layer, self.num_layers)
+        return self.heads(e), {**cache, "t": cache["t"] + 1}
+
+    def _step_blocks(self, cache: dict[str, jax.Array], e: jax.Array, start: int, stop: int
+                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         t = cache["t"]
         k_cache, v_cache = cache["k"], cache["v"]
-        e = self.embed(obs)[None]  # a sequence of one token
-        e_at_layer = e
-        for index in range(self.num_layers + 1):
-            if index == layer:
-                e = intervention(e) if intervention is not None else e
-                e_at_layer = e
-            if index == self.num_layers:
-                break
+        e = e[None]  # a sequence of one token
+        positions = jnp.arange(self.cfg.max_len)
+        for index in range(start, stop):
             block = self.blocks[index]
             q, k, v = block.attention.heads(block.attention_norm(e))
             k_cache = k_cache.at[index, t].set(k[0])
             v_cache = v_cache.at[index, t].set(v[0])
-            positions = jnp.arange(self.cfg.max_len)
             attended = block.attention.attend(q, k_cache[index], v_cache[index], t[None], positions)
             e = block.mlp(e + attended)
-        if layer is None:
-            e_at_layer = e
-        return self.heads(e[0]), {"k": k_cache, "v": v_cache, "t": t + 1}, e_at_layer[0]
+        return e[0], {"k": k_cache, "v": v_cache, "t": t}
