@@ -5,6 +5,8 @@
     hrl render   [--preset ...] [--episode N] [--clean] [--output PATH] [--fps F] [key.sub=value ...]
     hrl probe | hrl controllers   (same options as collect)
     hrl discover [--variant frozen|beta1|cotrained]   (same options as collect)
+    hrl internal-rl [--variant frozen|beta1|cotrained]   (same options as collect)
+    hrl grpo     (same options as collect)
     hrl crl      [--preset gridworld/crl_quick] ...   (same options as collect)
 
 User errors (bad config, a run directory made with another config) print one line and exit
@@ -32,6 +34,8 @@ from hrl.experiment import (
     run_controllers,
     run_crl,
     run_discovery,
+    run_grpo,
+    run_internal_rl,
     run_pretrain,
     run_probe,
     write_results_table,
@@ -76,6 +80,14 @@ def controllers_command(config: ExperimentConfig, args: argparse.Namespace) -> N
 
 def discover_command(config: ExperimentConfig, args: argparse.Namespace) -> None:
     run_discovery(config, args.runs_dir, overwrite=args.overwrite, variant=args.variant)
+
+
+def internal_rl_command(config: ExperimentConfig, args: argparse.Namespace) -> None:
+    run_internal_rl(config, args.runs_dir, overwrite=args.overwrite, variant=args.variant)
+
+
+def grpo_command(config: ExperimentConfig, args: argparse.Namespace) -> None:
+    run_grpo(config, args.runs_dir, overwrite=args.overwrite)
 
 
 def crl_command(config: ExperimentConfig, args: argparse.Namespace) -> None:
@@ -154,6 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
     discover.add_argument("--variant", choices=DISCOVERY_VARIANTS, default="frozen",
                           help="frozen base model (the method), beta fixed to 1, or base and metacontroller "
                                "co-trained from scratch (default: %(default)s)")
+    internal = add("internal-rl", internal_rl_command,
+                   "RL over the metacontroller's abstract actions on the post-training task (stage 'internal_rl', "
+                   "or 'internal_rl_beta1' / 'internal_rl_cotrained' on those discovery variants' metacontrollers; "
+                   "runs discovery first if it is not complete)", [common, stage])
+    internal.add_argument("--variant", choices=DISCOVERY_VARIANTS, default="frozen",
+                          help="which discovery run's metacontroller to use (default: %(default)s)")
+    add("grpo", grpo_command,
+        "raw-action RL fine-tuning the pretrained base model on the post-training task (stage 'grpo')",
+        [common, stage])
     crl = add("crl", crl_command,
               "contrastive goal-conditioned RL from scratch on a goal-reaching environment (stage 'crl'; "
               "default preset gridworld/crl_quick: the post-training task; gridworld/crl_goal_quick: reach a cell)",

@@ -21,11 +21,13 @@ from flax import nnx
 import envs
 from envs.experts import make_expert, make_labelled_expert
 
-from hrl.algos import bc, controllers, crl, discovery, pretrain, probe
+from hrl.algos import bc, controllers, crl, discovery, grpo, internal_rl, pretrain, probe
 from hrl.algos.bc import BCConfig
 from hrl.algos.controllers import ControllerConfig
 from hrl.algos.crl import CRLConfig
 from hrl.algos.discovery import DiscoveryConfig
+from hrl.algos.grpo import GRPOConfig
+from hrl.algos.internal_rl import InternalRLConfig
 from hrl.algos.pretrain import PretrainConfig
 from hrl.algos.probe import ProbeConfig
 from hrl.data import expert
@@ -75,6 +77,8 @@ class ExperimentConfig:
     controllers: ControllerConfig = dataclasses.field(default_factory=ControllerConfig)
     metacontroller: MetacontrollerConfig = dataclasses.field(default_factory=MetacontrollerConfig)
     discovery: DiscoveryConfig = dataclasses.field(default_factory=DiscoveryConfig)
+    internal_rl: InternalRLConfig = dataclasses.field(default_factory=InternalRLConfig)
+    grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
     crl: CRLConfig = dataclasses.field(default_factory=CRLConfig)
     loop: LoopConfig = dataclasses.field(default_factory=LoopConfig)
 
@@ -89,6 +93,9 @@ class ExperimentConfig:
               f"must be layers of the base model, 0..{self.model.num_layers}", self.controllers.layers)
         check(self.discovery.layer is None or self.discovery.layer <= self.model.num_layers, "discovery.layer",
               f"must be a layer of the base model, 0..{self.model.num_layers}", self.discovery.layer)
+        check(self.internal_rl.alpha in self.discovery.alphas, "internal_rl.alpha",
+              f"must be one of discovery.alphas {list(self.discovery.alphas)} (the metacontroller it uses)",
+              self.internal_rl.alpha)
 
 
 # The config sections each stage's outputs depend on, upstream stages' sections included.
@@ -103,11 +110,17 @@ STAGE_SECTIONS = {
     "discovery": ("env", "collect", "model", "pretrain", "metacontroller", "discovery"),
     "discovery_beta1": ("env", "collect", "model", "pretrain", "metacontroller", "discovery"),
     "discovery_cotrained": ("env", "collect", "model", "metacontroller", "discovery"),  # no pretrained base
+    "internal_rl": ("env", "collect", "model", "pretrain", "metacontroller", "discovery", "internal_rl"),
+    "internal_rl_beta1": ("env", "collect", "model", "pretrain", "metacontroller", "discovery", "internal_rl"),
+    "internal_rl_cotrained": ("env", "collect", "model", "metacontroller", "discovery", "internal_rl"),
+    "grpo": ("env", "collect", "model", "pretrain", "grpo"),
     "crl": ("env", "crl"),  # no pretrained model: CRL learns from its own experience
 }
 
 # The stage of each discovery variant (hrl.algos.discovery.VARIANTS).
 DISCOVERY_STAGES = {"frozen": "discovery", "beta1": "discovery_beta1", "cotrained": "discovery_cotrained"}
+# The internal-RL stage on each discovery variant's metacontroller.
+INTERNAL_RL_STAGES = {"frozen": "internal_rl", "beta1": "internal_rl_beta1", "cotrained": "internal_rl_cotrained"}
 
 
 def stage_config(config: ExperimentConfig, stage: str) -> dict[str, Any]:
@@ -307,6 +320,21 @@ def run_controllers(config: ExperimentConfig, runs_dir: str | Path, overwrite: b
     return run
 
 
+def discovery_base(config: ExperimentConfig, runs_dir: str | Path, variant: str):
+    """(the frozen base model or None, what `discovery.init` takes as `base`) for a variant:
+    co-trained, a function key -> a fresh base model; otherwise the pretrained base model."""
+    if variant != "cotrained":
+        base = load_base_model(config, runs_dir).module()
+        return base, base
+    env = config.env.make()
+
+    def make_base(key):
+        return Transformer(config.model, env.observation_space.shape[0], env.action_space.n,
+                           grid_shape=getattr(env, "grid_shape", None), rngs=nnx.Rngs(params=key))
+
+    return None, make_base
+
+
 DISCOVERY_ANALYSIS = "analysis.npz"  # held-out beta, NLL and KL per alpha and step, for the figures
 
 
@@ -323,14 +351,7 @@ def run_discovery(config: ExperimentConfig, runs_dir: str | Path, overwrite: boo
     env = config.env.make()
     cfg = config.discovery
     layer = cfg.controlled_layer(config.model.num_layers)
-    if variant == "cotrained":
-        frozen_base = None
-
-        def make_base(key):
-            return Transformer(config.model, env.observation_space.shape[0], env.action_space.n,
-                               grid_shape=getattr(env, "grid_shape", None), rngs=nnx.Rngs(params=key))
-    else:
-        frozen_base = make_base = load_base_model(config, runs_dir).module()
+    frozen_base, make_base = discovery_base(config, runs_dir, variant)
     dataset = expert.load_dataset(run_collect(config, runs_dir).path / EXPERT_DATA_CLEAN)
     train, heldout = probe.split_episodes(dataset, cfg.heldout_fraction)
     if cfg.data == "online":
@@ -398,9 +419,94 @@ def run_crl(config: ExperimentConfig, runs_dir: str | Path, overwrite: bool = Fa
     return run
 
 
+def load_metacontroller(config: ExperimentConfig, runs_dir: str | Path, variant: str):
+    """(base model, metacontroller) of a complete discovery run, for `internal_rl.alpha` (the
+    discovery stage runs first if it is not complete). Co-trained: the base trained with it."""
+    from hrl.infra.checkpoint import Checkpointer
+
+    run = run_discovery(config, runs_dir, variant=variant)
+    frozen_base, make_base = discovery_base(config, runs_dir, variant)
+    stage = DISCOVERY_STAGES[variant]
+    like = jax.eval_shape(lambda: discovery.init(stage_key(config, stage), config.discovery, config.metacontroller,
+                                                 variant, make_base))
+    with Checkpointer(run.checkpoint_dir) as checkpointer:
+        restored = checkpointer.restore_latest(like)
+    if restored is None:
+        raise FileNotFoundError(f"no checkpoint in {run.checkpoint_dir}")
+    state = restored[1]
+    index = config.discovery.alphas.index(config.internal_rl.alpha)
+    learner = nnx.merge(state.graphdef, jax.tree.map(lambda x: x[index], state.params))
+    return (learner.base if frozen_base is None else frozen_base), learner.metacontroller
+
+
+def run_internal_rl(config: ExperimentConfig, runs_dir: str | Path, overwrite: bool = False,
+                    variant: str = "frozen") -> RunDir:
+    """RL over z on the post-training task with a discovery variant's frozen metacontroller (the
+    method, or the beta = 1 and co-trained ablations). metrics.jsonl holds `episodes` next to the
+    training batches' `success_rate`: the success-vs-episodes curve of the paper's Fig. 8."""
+    stage = INTERNAL_RL_STAGES[variant]
+    run = stage_run_dir(config, runs_dir, stage, overwrite)
+    if run.is_complete:
+        print(f"{stage}: complete, skipped ({run.path})")
+        return run
+    base, metacontroller = load_metacontroller(config, runs_dir, variant)
+    env = config.env.make()
+    cfg = config.internal_rl
+    abstract_env = internal_rl.AbstractActionEnv(env, env.posttrain_params(), base, metacontroller,
+                                                 config.discovery.controlled_layer(base.num_layers), cfg.switch_threshold)
+    init_key, eval_key = jax.random.split(stage_key(config, stage))
+    result = run_training(
+        run,
+        internal_rl.init(init_key, cfg, abstract_env),
+        internal_rl.make_train_chunk(cfg, abstract_env),
+        cfg.num_chunks,
+        steps_per_chunk=cfg.updates_per_chunk,
+        loop=config.loop,
+        evaluate=internal_rl.make_evaluate(cfg, abstract_env, eval_key),
+        description=stage,
+    )
+    finish_rl_stage(run, stage, result)
+    return run
+
+
+def run_grpo(config: ExperimentConfig, runs_dir: str | Path, overwrite: bool = False) -> RunDir:
+    """Raw-action RL fine-tuning the pretrained base model on the post-training task."""
+    run = stage_run_dir(config, runs_dir, "grpo", overwrite)
+    if run.is_complete:
+        print(f"grpo: complete, skipped ({run.path})")
+        return run
+    base = load_base_model(config, runs_dir).module()
+    env = config.env.make()
+    cfg = config.grpo
+    init_key, eval_key = jax.random.split(stage_key(config, "grpo"))
+    result = run_training(
+        run,
+        grpo.init(init_key, cfg, base),
+        grpo.make_train_chunk(cfg, base, env, env.posttrain_params()),
+        cfg.num_chunks,
+        steps_per_chunk=cfg.updates_per_chunk,
+        loop=config.loop,
+        evaluate=grpo.make_evaluate(cfg, env, env.posttrain_params(), eval_key),
+        description="grpo",
+    )
+    finish_rl_stage(run, "grpo", result)
+    return run
+
+
+def finish_rl_stage(run: RunDir, stage: str, result) -> None:
+    metrics = result.summary["metrics"]
+    seconds = result.summary["run_s"] + result.summary["compile_s"]
+    run.mark_complete({**result.summary, "episodes": metrics["episodes"], "success_rate": metrics["success_rate"],
+                       "eval_success_rate": metrics["eval/success_rate"]})
+    print(f"{stage}: done ({run.path}): post-training success {metrics['success_rate']:.3f} in the last training "
+          f"batches, {metrics['eval/success_rate']:.3f} evaluated, after {metrics['episodes']:.0f} episodes, {seconds:.0f} s")
+
+
 # The stages `hrl pipeline` runs, in order.
 PIPELINE_STAGES = (run_collect, run_bc, run_pretrain, run_probe, run_controllers,
-                   *(functools.partial(run_discovery, variant=variant) for variant in DISCOVERY_STAGES))
+                   *(functools.partial(run_discovery, variant=variant) for variant in DISCOVERY_STAGES),
+                   *(functools.partial(run_internal_rl, variant=variant) for variant in INTERNAL_RL_STAGES),
+                   run_grpo)
 
 
 def write_results_table(config: ExperimentConfig, runs_dir: str | Path, seeds: list[int]) -> Path:

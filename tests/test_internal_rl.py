@@ -237,3 +237,25 @@ def test_grpo_trains_a_copy_and_leaves_the_reference_alone(base, kl_coef):
     jax.tree.map(np.testing.assert_array_equal, host_copy(nnx.state(base)), reference)
     changed = jax.tree.leaves(jax.tree.map(lambda a, b: not np.array_equal(a, b), reference, host_copy(state.params)))
     assert any(changed)
+
+
+# --- the stages
+
+
+def test_the_pipeline_runs_every_stage_then_skips_them_all(runs_copy, capsys):
+    from hrl import cli
+    from hrl.infra.rundir import RunDir
+
+    runs, tiny = runs_copy
+    command = ["pipeline", "gridworld", "--runs-dir", str(runs), "--seeds", "0", *tiny]
+    assert cli.main(command) == 0
+    for stage in ("internal_rl", "internal_rl_beta1", "internal_rl_cotrained", "grpo"):
+        summary = RunDir(runs / "tiny" / stage / "seed_0").summary()
+        assert summary["episodes"] == 16 and 0 <= summary["eval_success_rate"] <= 1
+    assert (runs / "tiny" / "figures" / "rl_success.png").is_file()
+    assert "## internal_rl" in (runs / "tiny" / "results.md").read_text()
+    capsys.readouterr()
+    assert cli.main(command) == 0  # a second run finds every stage complete
+    out = capsys.readouterr().out
+    assert "done (" not in out.replace("pipeline: done", "")
+    assert out.count("complete, skipped") >= 12

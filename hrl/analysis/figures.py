@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from hrl.infra.metrics import read_metrics
 from hrl.infra.rundir import RunDir
 
 
@@ -151,7 +152,54 @@ def switching_gate_figure(runs_dir: str | Path, experiment: str, seeds: list[int
     return save(fig, runs_dir, experiment, "switching_gate")
 
 
-FIGURES = (probe_accuracy_figure, controller_layer_sweep_figure, rate_distortion_figure, switching_gate_figure)
+# Fig. 8's methods: stage -> (label, colour, the metric that is the success curve). The RL stages'
+# curve is the success of their training batches; CRL's is its periodic evaluation.
+RL_METHODS = {
+    "internal_rl": ("internal RL", "tab:blue", "success_rate"),
+    "grpo": ("raw-action GRPO", "tab:red", "success_rate"),
+    "internal_rl_beta1": ("internal RL, beta = 1", "tab:gray", "success_rate"),
+    "internal_rl_cotrained": ("internal RL, co-trained", "tab:orange", "success_rate"),
+    "crl": ("CRL", "tab:green", "eval/success_rate"),
+}
+
+
+def success_curve(run_path: Path, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """(training episodes, success) at every logged point of a run that has the metric."""
+    rows = [row for row in read_metrics(run_path) if metric in row and "episodes" in row]
+    return np.array([row["episodes"] for row in rows]), np.array([row[metric] for row in rows])
+
+
+def rl_success_figure(runs_dir: str | Path, experiment: str, seeds: list[int]) -> Path:
+    """Post-training success against training episodes, median and interquartile range over the
+    seeds, per method (paper Fig. 8): internal RL, raw-action GRPO, the beta = 1 and co-trained
+    ablations, and CRL where its stage ran in this experiment."""
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    drawn = 0
+    for stage, (label, colour, metric) in RL_METHODS.items():
+        try:
+            complete = completed_summaries(runs_dir, experiment, stage, seeds)
+        except FileNotFoundError:
+            continue
+        curves = [success_curve(RunDir.path_for(runs_dir, experiment, stage, seed), metric) for seed in complete]
+        grid = curves[0][0]
+        if len(grid) == 0:
+            continue
+        values = np.stack([np.interp(grid, episodes, success) for episodes, success in curves])
+        low, median, high = np.percentile(values, [25, 50, 75], axis=0)
+        ax.plot(grid, median, color=colour, linewidth=2, label=f"{label} ({len(curves)} seed{'s' if len(curves) > 1 else ''})")
+        ax.fill_between(grid, low, high, color=colour, alpha=0.2)
+        drawn += 1
+    if not drawn:
+        raise FileNotFoundError(f"no complete RL run of {experiment} in {runs_dir} for seeds {seeds}")
+    ax.set(xlabel="training episodes", ylabel="post-training task success", ylim=(-0.02, 1.02),
+           title=f"RL on the post-training task: median and IQR over seeds ({experiment})")
+    ax.legend(fontsize=7)
+    return save(fig, runs_dir, experiment, "rl_success")
+
+
+FIGURES = (probe_accuracy_figure, controller_layer_sweep_figure, rate_distortion_figure, switching_gate_figure,
+           rl_success_figure)
 
 
 def write_figures(runs_dir: str | Path, experiment: str, seeds: list[int]) -> list[Path]:
