@@ -30,6 +30,7 @@ from flax import nnx
 
 from envs.base import Env
 from hrl.infra.config import check
+from hrl.infra.objectives import masked_mean
 from hrl.infra.train_state import TrainState, adamw, independent_along_leading_axis
 from hrl.models import rollout
 from hrl.models.transformer import Transformer
@@ -108,9 +109,6 @@ def init(key: jax.Array, cfg: ControllerConfig, base: Transformer, num_sets: int
     controllers = LinearControllers(num_sets, num_subgoals, base.cfg.width, cfg.rank, nnx.Rngs(params=init_key))
     return TrainState.create(controllers, make_optimizer(cfg), train_key)
 
-
-def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
-    return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1)
 
 
 def steered_action_logits(base: Transformer, controllers: LinearControllers, layers: tuple[int, ...],

@@ -42,6 +42,7 @@ from flax import nnx
 from hrl.analysis.segmentation import switching_statistics
 from hrl.data import expert as expert_data
 from hrl.infra.config import check
+from hrl.infra.objectives import masked_mean
 from hrl.infra.train_state import TrainState, adamw, independent_along_leading_axis
 from hrl.models.metacontroller import Metacontroller, MetacontrollerConfig, gaussian_kl
 from hrl.models.transformer import Transformer
@@ -131,9 +132,6 @@ def init(key: jax.Array, cfg: DiscoveryConfig, meta_cfg: MetacontrollerConfig, v
 def make_optimizer(cfg: DiscoveryConfig) -> optax.GradientTransformation:
     return independent_along_leading_axis(adamw(cfg.learning_rate, cfg.weight_decay, cfg.max_grad_norm))
 
-
-def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
-    return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1)
 
 
 def run_learner(learner: Learner, frozen_base: Transformer | None, layer: int, obs: jax.Array,

@@ -58,6 +58,7 @@ from flax import nnx
 
 from hrl.data import expert as expert_data
 from hrl.infra.config import check
+from hrl.infra.objectives import masked_mean
 from hrl.infra.train_state import TrainState, adamw
 from hrl.models import rollout
 from hrl.models.transformer import Transformer, TransformerConfig
@@ -127,9 +128,6 @@ def init(
     model = Transformer(model_cfg, obs_dim, num_actions, grid_shape=grid_shape, rngs=nnx.Rngs(params=model_key))
     return TrainState.create(model, make_optimizer(cfg), train_key)
 
-
-def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
-    return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1)
 
 
 def losses(
