@@ -54,9 +54,34 @@ register("GridGoal-v0", _grid_goal)
 register("GridPinpadGoal-v0", _grid_pinpad_goal)
 
 
+def _ant_pinpad(**kwargs) -> Env:
+    from envs.ant_pinpad import AntPinpad  # imports MuJoCo MJX: only when an ant is made
+
+    return AntPinpad(**kwargs)
+
+
+def _ant_goal(**kwargs) -> Env:
+    from envs.ant_goal import AntGoal
+
+    return AntGoal(**kwargs)
+
+
+def _ant_pinpad_expert(**kwargs) -> Env:
+    """ant-pinpad with the PPO expert's privileged observation and dense reward."""
+    from envs.ant_pinpad import PrivilegedAntPinpad
+
+    return PrivilegedAntPinpad(**kwargs)
+
+
+register("AntPinpad-v0", _ant_pinpad)
+register("AntGoal-v0", _ant_goal)
+register("AntPinpadExpert-v0", _ant_pinpad_expert)
+
+
 def _register_with_gymnasium() -> None:
-    """Makes `gymnasium.make("hrl/GridPinpad-v0")` and `gymnasium.make_vec(...)` work after
-    `import envs`. The adapters (envs/gymnasium.py) load only when an environment is made."""
+    """Makes `gymnasium.make("hrl/GridPinpad-v0")`, `gymnasium.make_vec(...)` and
+    `gymnasium.make("hrl/AntPinpad-v0")` work after `import envs`. The adapters
+    (envs/gymnasium.py) load only when an environment is made."""
     import gymnasium
 
     if "hrl/GridPinpad-v0" not in gymnasium.registry:
@@ -65,6 +90,8 @@ def _register_with_gymnasium() -> None:
             entry_point="envs.gymnasium:GridPinpadGymEnv",
             vector_entry_point="envs.gymnasium:GridPinpadVectorEnv",
         )
+    if "hrl/AntPinpad-v0" not in gymnasium.registry:
+        gymnasium.register(id="hrl/AntPinpad-v0", entry_point="envs.gymnasium:AntPinpadGymEnv")
 
 
 _register_with_gymnasium()

@@ -1,4 +1,5 @@
-"""Gymnasium 1.x adapters of gridworld-pinpad: a single environment and a batched vector one.
+"""Gymnasium 1.x adapters of gridworld-pinpad (a single environment and a batched vector one) and of
+ant-pinpad (a single environment, "hrl/AntPinpad-v0": see the section at the end of this file).
 
     import envs, gymnasium
     env = gymnasium.make("hrl/GridPinpad-v0", task="posttrain", solvable_only=True)
@@ -354,3 +355,149 @@ class GridPinpadVectorEnv(gymnasium.vector.VectorEnv):
         states, params = jax.device_get((self.states, self.params))
         return tuple(render_state(jax.tree.map(lambda x: x[i], states), params) for i in range(self.num_envs))
 
+
+
+# --- ant-pinpad: a single environment
+#
+# `gymnasium.make("hrl/AntPinpad-v0", task="posttrain")`. The same episode configuration as the
+# grid's (task "pretrain" | "posttrain" | a pretraining task index 0..15 or colour tuple such as
+# (0, 3, 2); any_task; solvable_only), the same seeding (JAX keys drawn from `np_random`), one
+# jitted reset and step on the host's side of each call. Actions: 8 float torques in [-1, 1]; a
+# wrong shape or a non-finite value is refused, values outside [-1, 1] are clipped by the physics.
+# render_mode="rgb_array" draws the top-down 2-D plot of the episode so far (envs.render: no
+# OpenGL context was available for MuJoCo's 3-D renderer).
+
+ANT_ACTION_DIM = 8
+
+
+@dataclass(frozen=True)
+class AntEpisodeConfig(EpisodeConfig):
+    """What an ant-pinpad reset draws (see above)."""
+
+    def params(self) -> pinpad.PinpadParams:
+        return _ant_task_params(ant_task_key(self.task), bool(self.any_task))
+
+
+def ant_task_key(task) -> str | int:
+    """'pretrain', 'posttrain' or a pretraining task index, from any accepted spelling."""
+    count = len(pinpad.ANT_PRETRAIN_TASKS)
+    if isinstance(task, str) and task in ("pretrain", "posttrain"):
+        return task
+    if isinstance(task, (tuple, list)) and tuple(task) == pinpad.ANT_POSTTRAIN_TASK:
+        return "posttrain"
+    if isinstance(task, (tuple, list)) and tuple(task) in pinpad.ANT_PRETRAIN_TASKS:
+        return pinpad.ANT_PRETRAIN_TASKS.index(tuple(task))
+    if isinstance(task, (int, np.integer)) and not isinstance(task, bool) and 0 <= task < count:
+        return int(task)
+    raise ValueError(
+        f"invalid task {task!r}: use 'pretrain', 'posttrain', a pretraining task index 0..{count - 1}, "
+        f"or a colour tuple of ANT_PRETRAIN_TASKS or {pinpad.ANT_POSTTRAIN_TASK}"
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _ant_task_params(task: str | int, any_task: bool) -> pinpad.PinpadParams:
+    from envs.ant_pinpad import AntPinpad
+
+    env = AntPinpad()
+    if task == "pretrain":
+        return env.pretrain_params(any_task=any_task)
+    if task == "posttrain":
+        return env.posttrain_params()
+    return env.fixed_task_params(task)
+
+
+@functools.lru_cache(maxsize=None)
+def _ant_functions(horizon: int, solvable_only: bool):
+    from envs.ant_pinpad import AntPinpad, info as ant_info
+
+    env = AntPinpad(horizon=horizon, solvable_only=solvable_only)
+
+    def reset(key, params):
+        obs, state = env.reset(key, params)
+        return obs, state, ant_info(state, params, jnp.bool_(False))
+
+    def step(key, state, action, params):
+        key, key_step = jax.random.split(key)
+        return key, *env.step(key_step, state, action, params)
+
+    return jax.jit(reset), jax.jit(step)
+
+
+def validate_ant_action(action) -> np.ndarray:
+    """One action as float32 [8], or a ValueError naming it."""
+    valid = f"{ANT_ACTION_DIM} finite torques (Box(-1, 1, ({ANT_ACTION_DIM},)))"
+    try:
+        array = np.asarray(action, dtype=np.float32)
+    except (TypeError, ValueError) as err:
+        raise _action_error(action, f"not convertible to a float array ({err})", valid) from None
+    if array.shape != (ANT_ACTION_DIM,):
+        raise _action_error(action, f"has shape {array.shape}", valid)
+    if not np.all(np.isfinite(array)):
+        raise _action_error(action, "not finite", valid)
+    return array
+
+
+class AntPinpadGymEnv(gymnasium.Env):
+    """One ant-pinpad (see envs/ant_pinpad.py) behind gymnasium's API."""
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 20}
+
+    def __init__(
+        self,
+        render_mode: str | None = None,
+        task: str | int | tuple = "pretrain",
+        any_task: bool = False,
+        solvable_only: bool = False,
+        horizon: int = 500,
+    ):
+        from envs.ant_pinpad import OBS_BOUND, OBS_DIM as ANT_OBS_DIM, AntPinpad
+
+        if render_mode not in (None, *self.metadata["render_modes"]):
+            raise ValueError(f"render_mode {render_mode!r} not supported; use None or 'rgb_array'")
+        self.render_mode = render_mode
+        self.jax_env = AntPinpad(horizon=horizon)
+        self.default_config = AntEpisodeConfig().with_options(
+            {"task": task, "any_task": any_task, "solvable_only": solvable_only}
+        )
+        self.observation_space = spaces.Box(-OBS_BOUND, OBS_BOUND, (ANT_OBS_DIM,), np.float32)
+        self.action_space = spaces.Box(-1.0, 1.0, (ANT_ACTION_DIM,), np.float32)
+        self.state = None
+        self.params = None
+        self._key = None
+        self._path = []  # torso x, y so far, for rendering
+        self._step = _ant_functions(horizon, False)[1]  # stepping never depends on solvable_only
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        config = self.default_config.with_options(options)
+        self.params = config.params()
+        reset = _ant_functions(self.jax_env.horizon, config.solvable_only)[0]
+        self._key, key_reset = jax.random.split(_jax_key(self.np_random))
+        obs, self.state, info = reset(key_reset, self.params)
+        obs, info = _to_host((obs, info))
+        self._path = [np.asarray(jax.device_get(self.state.body.qpos[:2]))]
+        return obs, _host_info(info)
+
+    def step(self, action):
+        if self.state is None:
+            raise gymnasium.error.ResetNeeded("call reset() before step()")
+        action = validate_ant_action(action)
+        self._key, obs, self.state, reward, terminated, truncated, info = self._step(
+            self._key, self.state, action, self.params
+        )
+        obs, reward, terminated, truncated, info = _to_host((obs, reward, terminated, truncated, info))
+        if self.render_mode is not None:
+            self._path.append(np.asarray(jax.device_get(self.state.body.qpos[:2])))
+        return obs, float(reward), bool(terminated), bool(truncated), _host_info(info)
+
+    def render(self):
+        if self.render_mode is None:
+            gymnasium.logger.warn("render() called without a render_mode; make the env with render_mode='rgb_array'")
+            return None
+        if self.state is None:
+            raise gymnasium.error.ResetNeeded("call reset() before render()")
+        from envs.render import ant_trajectory_frame
+
+        state = jax.device_get(self.state)
+        return ant_trajectory_frame(np.stack(self._path), state.colour_cells, state.wall_cells, f"t {int(state.t)}")

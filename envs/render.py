@@ -202,3 +202,100 @@ def render_expert_episode_gif(
         "success": bool(info["success"]),
         "task": task_name(info["task_id"]),
     }
+
+
+# --- ant-pinpad: a top-down plot of the torso's path over the cell layout
+#
+# MuJoCo's own 3-D renderer needs an OpenGL context, and none could be made on the (display-less,
+# GPU-less) machine this was written on: MUJOCO_GL=egl fails with an EGLError (libEGL is present
+# but finds no usable device), MUJOCO_GL=osmesa finds no libOSMesa, and MUJOCO_GL=glfw has no
+# display. So the ant is drawn in 2-D with matplotlib (Agg backend, no display needed): cells,
+# colours, the wall and the torso's x, y path. No GIFs of the 3-D ant.
+
+
+def _ant_figure(xy, colour_cells, wall_cells, title: str | None = None, size_inches: float = 5.0):
+    """A matplotlib Figure of the 4x4 layout with the torso path `xy` [T, 2] (world metres)."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    from envs.ant_pinpad import CELL_SIZE, HALF_EXTENT, NUM_CELLS, SIZE as ANT_SIZE
+
+    def lower_left(cell):
+        row, col = divmod(int(cell), ANT_SIZE)
+        return -HALF_EXTENT + col * CELL_SIZE, HALF_EXTENT - (row + 1) * CELL_SIZE
+
+    fills = {cell: EMPTY_RGB for cell in range(NUM_CELLS)}
+    fills.update({int(cell): WALL_RGB for cell in np.asarray(wall_cells)})
+    fills.update({int(cell): COLOUR_RGB[c] for c, cell in enumerate(np.asarray(colour_cells))})
+    figure = Figure(figsize=(size_inches, size_inches), dpi=100)
+    axes = figure.add_subplot()
+    for cell, rgb in fills.items():
+        x, y = lower_left(cell)
+        axes.add_patch(Rectangle((x, y), CELL_SIZE, CELL_SIZE, facecolor=np.array(rgb) / 255,
+                                 edgecolor=np.array(GRID_LINE_RGB) / 255))
+    for c, cell in enumerate(np.asarray(colour_cells)):
+        x, y = lower_left(cell)
+        axes.text(x + 0.1, y + CELL_SIZE - 0.1, str(c), va="top", color=np.array(_label_rgb(COLOUR_RGB[c])) / 255)
+    xy = np.asarray(xy, np.float64).reshape(-1, 2)
+    if len(xy):
+        axes.plot(xy[:, 0], xy[:, 1], color="black", linewidth=1.2)
+        axes.plot(*xy[0], marker="o", linestyle="none", color="white", markeredgecolor="black", label="start")
+        axes.plot(*xy[-1], marker="X", linestyle="none", color="black", label="end")
+        axes.legend(loc="upper right", fontsize=8)
+    margin = 0.5
+    axes.set_xlim(-HALF_EXTENT - margin, HALF_EXTENT + margin)
+    axes.set_ylim(-HALF_EXTENT - margin, HALF_EXTENT + margin)
+    axes.set_aspect("equal")
+    axes.set_xlabel("x (m)")
+    axes.set_ylabel("y (m)")
+    if title:
+        axes.set_title(title, fontsize=9)
+    figure.tight_layout()
+    return figure
+
+
+def ant_trajectory_frame(xy, colour_cells, wall_cells, title: str | None = None) -> np.ndarray:
+    """[H, W, 3] uint8 image of the layout and the torso path `xy` [T, 2]."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(_ant_figure(xy, colour_cells, wall_cells, title))
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def plot_ant_trajectory(path: str | Path, xy, colour_cells, wall_cells, title: str | None = None) -> Path:
+    """Writes the top-down plot of an episode (layout and torso path `xy` [T, 2]) as a PNG."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _ant_figure(xy, colour_cells, wall_cells, title).savefig(path, format="png")
+    return path
+
+
+def ant_episode(env, key, params, policy=None):
+    """Runs one ant-pinpad episode in one jitted scan over the horizon and returns (xy [T + 1, 2]
+    of the torso up to the step that ended it, the start state, the last info). `policy(key, obs)
+    -> action`; uniform random torques by default."""
+    import jax
+    import jax.numpy as jnp
+
+    if policy is None:
+        def policy(k, obs):
+            return jax.random.uniform(k, env.action_space.shape, minval=-1.0, maxval=1.0)
+
+    def run(key):
+        obs, state = env.reset(key, params)
+
+        def body(carry, k):
+            obs, state, done = carry
+            key_act, key_env = jax.random.split(k)
+            obs, new_state, _, terminated, truncated, info = env.step(key_env, state, policy(key_act, obs), params)
+            new_state = jax.tree.map(lambda a, b: jnp.where(done, a, b), state, new_state)
+            return (obs, new_state, done | terminated | truncated), (new_state.body.qpos[:2], done, info)
+
+        _, (xy, was_done, infos) = jax.lax.scan(body, (obs, state, jnp.bool_(False)), jax.random.split(key, env.max_steps))
+        return state, jnp.concatenate([state.body.qpos[None, :2], xy]), was_done, infos
+
+    start, xy, was_done, infos = jax.device_get(jax.jit(run)(key))
+    steps = int(np.sum(~was_done))  # steps taken until (and including) the one that ended it
+    last = {k: v[steps - 1] for k, v in infos.items()}
+    return xy[: steps + 1], start, last
