@@ -8,6 +8,8 @@
     hrl internal-rl [--variant frozen|beta1|cotrained]   (same options as collect)
     hrl grpo     (same options as collect)
     hrl crl      [--preset gridworld/crl_quick] ...   (same options as collect)
+    hrl train-expert [--preset ant/quick] ...   (same options as collect; the ant's PPO expert, which
+                 `hrl collect --preset ant/...` trains first when it is not complete)
 
 User errors (bad config, a run directory made with another config) print one line and exit
 with code 2; a training run stopped by a non-finite metric prints one line and exits with 1.
@@ -29,6 +31,7 @@ from hrl.experiment import (
     EXPERT_DATA_CLEAN,
     PIPELINE_STAGES,
     ExperimentConfig,
+    run_ant_expert,
     run_bc,
     run_collect,
     run_controllers,
@@ -42,6 +45,7 @@ from hrl.experiment import (
 )
 from hrl.infra.config import ConfigError, load_config, to_yaml
 from hrl.infra.loop import NonFiniteMetricError
+from hrl.infra.mesh import initialize_distributed
 
 
 def collect_command(config: ExperimentConfig, args: argparse.Namespace) -> None:
@@ -94,6 +98,10 @@ def crl_command(config: ExperimentConfig, args: argparse.Namespace) -> None:
     run_crl(config, args.runs_dir, overwrite=args.overwrite)
 
 
+def train_expert_command(config: ExperimentConfig, args: argparse.Namespace) -> None:
+    run_ant_expert(config, args.runs_dir, overwrite=args.overwrite)
+
+
 def render_command(config: ExperimentConfig, args: argparse.Namespace) -> None:
     """A GIF of one episode of the collected expert data (collecting it first if needed)."""
     from envs.render import dataset_episode_frames, save_gif  # drawing code only this command needs
@@ -122,7 +130,8 @@ def seed_list(text: str) -> list[int]:
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--preset", help="configs/<env>/<name>.yaml by name, or a path to a .yaml file "
-                                         "(default: gridworld/quick; for pipeline: <family>/quick)")
+                                         "(default: gridworld/quick; crl: gridworld/crl_quick; "
+                                         "train-expert: ant/quick; pipeline: <family>/quick)")
     common.add_argument("--runs-dir", default="runs", help="root of the run directories (default: %(default)s)")
     common.add_argument("--seed", type=int, help="shorthand for the override run.seed=K")
     common.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
@@ -180,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
               "default preset gridworld/crl_quick: the post-training task; gridworld/crl_goal_quick: reach a cell)",
               [common, stage])
     crl.set_defaults(default_preset="gridworld/crl_quick")
+    expert = add("train-expert", train_expert_command,
+                 "train the ant's PPO expert on the privileged variant of the env (stage 'ant_expert'; default "
+                 "preset ant/quick; `hrl collect --preset ant/...` runs it first when it is not complete). "
+                 "Refused for the grid, whose expert is the shortest-path planner", [common, stage])
+    expert.set_defaults(default_preset="ant/quick")
     render = add("render", render_command, "draw one episode of the collected expert data as a GIF", [common])
     render.add_argument("--episode", type=int, default=0, help="episode index in the dataset (default: %(default)s)")
     render.add_argument("--clean", action="store_true", help="from D* (epsilon 0) instead of D")
@@ -189,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    initialize_distributed()  # several hosts: connects them (from JAX_COORDINATOR_ADDRESS etc.); else nothing
     parser = build_parser()
     # Overrides may follow options (`hrl pipeline gridworld --seeds 0,1 bc.batch_size=64`), which
     # argparse leaves over once the positionals are filled: collect them here.

@@ -21,19 +21,21 @@ from flax import nnx
 import envs
 from envs.experts import make_expert, make_labelled_expert
 
-from hrl.algos import bc, controllers, crl, discovery, grpo, internal_rl, pretrain, probe
+from hrl.algos import bc, controllers, crl, discovery, grpo, internal_rl, ppo, pretrain, probe
 from hrl.algos.bc import BCConfig
 from hrl.algos.controllers import ControllerConfig
 from hrl.algos.crl import CRLConfig
 from hrl.algos.discovery import DiscoveryConfig
 from hrl.algos.grpo import GRPOConfig
 from hrl.algos.internal_rl import InternalRLConfig
+from hrl.algos.ppo import PPOConfig
 from hrl.algos.pretrain import PretrainConfig
 from hrl.algos.probe import ProbeConfig
-from hrl.data import expert
+from hrl.data import expert, ppo_expert
 from hrl.data.expert import CollectConfig
 from hrl.infra.config import check
 from hrl.infra.loop import LoopConfig, run_training
+from hrl.infra.mesh import MeshConfig, build_mesh
 from hrl.infra.rundir import RunDir
 from hrl.infra.train_state import TrainState
 from hrl.models.metacontroller import MetacontrollerConfig
@@ -80,7 +82,9 @@ class ExperimentConfig:
     internal_rl: InternalRLConfig = dataclasses.field(default_factory=InternalRLConfig)
     grpo: GRPOConfig = dataclasses.field(default_factory=GRPOConfig)
     crl: CRLConfig = dataclasses.field(default_factory=CRLConfig)
+    ppo: PPOConfig = dataclasses.field(default_factory=PPOConfig)  # the ant's expert (stage 'ant_expert')
     loop: LoopConfig = dataclasses.field(default_factory=LoopConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)  # devices the batch is split over; no stage records it
 
     def validate(self) -> None:
         check(self.model.max_len >= self.env.horizon, "model.max_len",
@@ -96,6 +100,7 @@ class ExperimentConfig:
         check(self.internal_rl.alpha in self.discovery.alphas, "internal_rl.alpha",
               f"must be one of discovery.alphas {list(self.discovery.alphas)} (the metacontroller it uses)",
               self.internal_rl.alpha)
+        check_collect_fits_expert(self)
 
 
 # The config sections each stage's outputs depend on, upstream stages' sections included.
@@ -115,6 +120,7 @@ STAGE_SECTIONS = {
     "internal_rl_cotrained": ("env", "collect", "model", "metacontroller", "discovery", "internal_rl"),
     "grpo": ("env", "collect", "model", "pretrain", "grpo"),
     "crl": ("env", "crl"),  # no pretrained model: CRL learns from its own experience
+    "ant_expert": ("env", "ppo"),  # the PPO expert of an env with a privileged variant (the ant)
 }
 
 # The stage of each discovery variant (hrl.algos.discovery.VARIANTS).
@@ -125,7 +131,8 @@ INTERNAL_RL_STAGES = {"frozen": "internal_rl", "beta1": "internal_rl_beta1", "co
 
 def stage_config(config: ExperimentConfig, stage: str) -> dict[str, Any]:
     """What a stage's run directory records and compares on resume."""
-    return {"seed": config.run.seed, **{name: getattr(config, name) for name in STAGE_SECTIONS[stage]}}
+    sections = STAGE_SECTIONS[stage] + expert_sections(config, stage)
+    return {"seed": config.run.seed, **{name: getattr(config, name) for name in sections}}
 
 
 def stage_key(config: ExperimentConfig, stage: str) -> jax.Array:
@@ -147,7 +154,8 @@ def stage_run_dir(config: ExperimentConfig, runs_dir: str | Path, stage: str, ov
 
 
 def run_collect(config: ExperimentConfig, runs_dir: str | Path, overwrite: bool = False) -> RunDir:
-    """Generate D and D* on the pretraining tasks into the collect stage's run directory."""
+    """Generate D and D* on the pretraining tasks into the collect stage's run directory (for the
+    ant, with the ant_expert stage's PPO policy: `collect_experts`)."""
     run = stage_run_dir(config, runs_dir, "collect", overwrite)
     if run.is_complete:
         print(f"collect: complete, skipped ({run.path})")
@@ -155,12 +163,12 @@ def run_collect(config: ExperimentConfig, runs_dir: str | Path, overwrite: bool 
     env = config.env.make()
     params = env.pretrain_params()
     noisy_key, clean_key = jax.random.split(stage_key(config, "collect"))
+    noisy_expert, clean_expert = collect_experts(config, runs_dir, env)
     cfg = config.collect
     datasets = {
-        EXPERT_DATA: expert.collect(env, params, make_expert(env, cfg.epsilon), noisy_key,
-                                    cfg.num_episodes, cfg.episodes_per_batch),
-        EXPERT_DATA_CLEAN: expert.collect(env, params, make_expert(env, 0.0), clean_key,
-                                          cfg.num_episodes_clean, cfg.episodes_per_batch),
+        EXPERT_DATA: expert.collect(env, params, noisy_expert, noisy_key, cfg.num_episodes, cfg.episodes_per_batch),
+        EXPERT_DATA_CLEAN: expert.collect(env, params, clean_expert, clean_key, cfg.num_episodes_clean,
+                                          cfg.episodes_per_batch),
     }
     summary = {}
     for filename, dataset in datasets.items():
@@ -170,6 +178,92 @@ def run_collect(config: ExperimentConfig, runs_dir: str | Path, overwrite: bool 
     run.mark_complete(summary)
     print(f"collect: done ({run.path}): {summary}")
     return run
+
+
+# ----------------------------------------------------------------------------------------------
+# The ant's expert: a PPO policy trained on the privileged variant of the env (stage "ant_expert"),
+# where the grid's expert is a planner. Everything the ant adds to the stages is in this block.
+
+
+def expert_sections(config: ExperimentConfig, stage: str) -> tuple[str, ...]:
+    """("ppo",) for a stage that reads expert data of an env whose expert is trained (the ant): its
+    data depend on the expert's training, so changing `ppo` must make such a stage refuse to resume.
+    The grid's stages record no `ppo` section."""
+    reads_data = "collect" in STAGE_SECTIONS[stage]
+    return ("ppo",) if reads_data and ppo_expert.privileged_variant(config.env.name) else ()
+
+
+def check_collect_fits_expert(config: ExperimentConfig) -> None:
+    """`collect.epsilon` is the grid expert's noise; the ant's D is made noisy by sampling the PPO
+    expert's Gaussian instead, so a nonzero epsilon there would be silently ignored: refuse it."""
+    if ppo_expert.privileged_variant(config.env.name) is not None:
+        check(config.collect.epsilon == 0.0, "collect.epsilon",
+              f"must be 0 for {config.env.name} (the grid expert's noise; the ant's D samples the PPO expert)",
+              config.collect.epsilon)
+
+
+def expert_env(config: ExperimentConfig) -> envs.Env:
+    """The privileged variant of the configured env, which the PPO expert sees (ConfigError without one)."""
+    return ppo_expert.make_privileged_env(config.env.name, config.env.horizon)
+
+
+def run_ant_expert(config: ExperimentConfig, runs_dir: str | Path, overwrite: bool = False) -> RunDir:
+    """Train (or resume) the PPO expert on the privileged variant of the env, on the pretraining
+    tasks. Refuses an env without a privileged variant (the grid) before any work. The summary adds
+    the greedy policy's `success_rate` (spec: the paper's expert reaches 0.8; the ant's RL success
+    is reported normalised by it)."""
+    env = expert_env(config)
+    run = stage_run_dir(config, runs_dir, "ant_expert", overwrite)
+    if run.is_complete:
+        print(f"ant_expert: complete, skipped ({run.path})")
+        return run
+    params = env.pretrain_params()
+    init_key, eval_key = jax.random.split(stage_key(config, "ant_expert"))
+    cfg = config.ppo
+    state = ppo.init(init_key, cfg, env, params)
+    result = run_training(
+        run,
+        state,
+        ppo.make_train_chunk(cfg, env, params, state.graphdef),
+        cfg.num_chunks,
+        steps_per_chunk=cfg.iterations_per_chunk,
+        loop=config.loop,
+        evaluate=ppo.make_evaluate(cfg, env, params, eval_key),
+        description="ant_expert",
+    )
+    metrics = result.summary["metrics"]
+    run.mark_complete({**result.summary, "env": env.name, "env_steps": metrics["env_steps"],
+                       "success_rate": metrics["eval/success_rate"], "return": metrics["eval/return"]})
+    print(f"ant_expert: done ({run.path}): {env.name} greedy success {metrics['eval/success_rate']:.3f}, "
+          f"return {metrics['eval/return']:.3g} after {metrics['env_steps']:.0f} env steps, "
+          f"{result.summary['run_s'] + result.summary['compile_s']:.0f} s")
+    return run
+
+
+def load_ant_expert(config: ExperimentConfig, runs_dir: str | Path) -> ppo.PPOState:
+    """The ant_expert stage's final PPO state (training it first if it is not complete)."""
+    from hrl.infra.checkpoint import Checkpointer
+
+    run = run_ant_expert(config, runs_dir)
+    env = expert_env(config)
+    like = jax.eval_shape(lambda: ppo.init(jax.random.key(0), config.ppo, env, env.pretrain_params()))
+    with Checkpointer(run.checkpoint_dir) as checkpointer:
+        restored = checkpointer.restore_latest(like)
+    if restored is None:
+        raise FileNotFoundError(f"no checkpoint in {run.checkpoint_dir}")
+    return restored[1]
+
+
+def collect_experts(config: ExperimentConfig, runs_dir: str | Path, env: envs.Env) -> tuple[expert.Expert, expert.Expert]:
+    """(D's expert, D*'s expert). The grid: the shortest-path planner with `collect.epsilon` and
+    with 0. An env with a privileged variant (the ant): the ant_expert stage's policy, sampled and
+    its mean, acting on the privileged observation while `collect` records `env`'s plain one."""
+    if ppo_expert.privileged_variant(config.env.name) is None:
+        return make_expert(env, config.collect.epsilon), make_expert(env, 0.0)
+    state = load_ant_expert(config, runs_dir)
+    privileged, normalized = expert_env(config), config.ppo.normalize_observations
+    return (ppo_expert.policy_expert(state, privileged, sample=True, normalize_observations=normalized),
+            ppo_expert.policy_expert(state, privileged, sample=False, normalize_observations=normalized))
 
 
 def run_bc(config: ExperimentConfig, runs_dir: str | Path, overwrite: bool = False) -> RunDir:
@@ -227,15 +321,17 @@ def run_pretrain(config: ExperimentConfig, runs_dir: str | Path, overwrite: bool
     env = config.env.make()
     init_key, eval_key = jax.random.split(stage_key(config, "pretrain"))
     cfg = config.pretrain
+    mesh = build_mesh(config.mesh)
     result = run_training(
         run,
         init_pretrain_state(config, env, init_key),
-        pretrain.make_train_chunk(cfg, pretrain_batches(config, runs_dir, env)),
+        pretrain.make_train_chunk(cfg, pretrain_batches(config, runs_dir, env), mesh),
         cfg.num_chunks,
         steps_per_chunk=cfg.updates_per_chunk,
         loop=config.loop,
         evaluate=pretrain.make_evaluate(cfg, env, eval_key),
         description="pretrain",
+        mesh=mesh,
     )
     run.mark_complete(result.summary)
     print(f"pretrain: done ({run.path}): " + ", ".join(f"{k}={v:.4g}" for k, v in result.summary["metrics"].items()
@@ -269,15 +365,17 @@ def run_probe(config: ExperimentConfig, runs_dir: str | Path, overwrite: bool = 
     num_subgoals = config.env.make().num_subgoals
     cfg = config.probe
     train, heldout = probe.split_episodes(dataset, cfg.heldout_fraction)
+    mesh = build_mesh(config.mesh)
     result = run_training(
         run,
         probe.init(stage_key(config, "probe"), cfg, base, num_subgoals),
-        probe.make_train_chunk(cfg, base, train),
+        probe.make_train_chunk(cfg, base, train, mesh),
         cfg.num_chunks,
         steps_per_chunk=cfg.updates_per_chunk,
         loop=config.loop,
         evaluate=probe.make_evaluate(cfg, base, heldout),
         description="probe",
+        mesh=mesh,
     )
     metrics = result.summary["metrics"]
     accuracy = {str(layer): metrics[f"eval/heldout_accuracy/layer_{layer}"] for layer in range(base.num_layers + 1)}
@@ -301,15 +399,17 @@ def run_controllers(config: ExperimentConfig, runs_dir: str | Path, overwrite: b
     cfg = config.controllers
     layers = cfg.swept_layers(base.num_layers)
     init_key, eval_key = jax.random.split(stage_key(config, "controllers"))
+    mesh = build_mesh(config.mesh)
     result = run_training(
         run,
         controllers.init(init_key, cfg, base, len(layers), env.num_subgoals),
-        controllers.make_train_chunk(cfg, base, layers, dataset),
+        controllers.make_train_chunk(cfg, base, layers, controller_episodes(config, env, dataset), mesh),
         cfg.num_chunks,
         steps_per_chunk=cfg.updates_per_chunk,
         loop=config.loop,
         evaluate=controllers.make_evaluate(cfg, base, layers, env, eval_key),
         description="controllers",
+        mesh=mesh,
     )
     metrics = result.summary["metrics"]
     success = {str(layer): metrics[f"eval/posttrain_success/layer_{layer}"] for layer in layers}
@@ -335,6 +435,14 @@ def discovery_base(config: ExperimentConfig, runs_dir: str | Path, variant: str)
     return None, make_base
 
 
+def controller_episodes(config: ExperimentConfig, env: envs.Env, dataset) -> controllers.Episodes:
+    """The supervised controllers' batches: from the collected D*, or fresh episodes of its clean expert."""
+    cfg = config.controllers
+    if cfg.data == "online":
+        return controllers.online_episodes(env, env.pretrain_params(), make_expert(env, 0.0), cfg.batch_size)
+    return controllers.dataset_episodes(dataset, cfg.batch_size)
+
+
 DISCOVERY_ANALYSIS = "analysis.npz"  # held-out beta, NLL and KL per alpha and step, for the figures
 
 
@@ -358,15 +466,17 @@ def run_discovery(config: ExperimentConfig, runs_dir: str | Path, overwrite: boo
         episodes = discovery.online_episodes(env, env.pretrain_params(), make_expert(env, 0.0), cfg.batch_size)
     else:
         episodes = discovery.dataset_episodes(train, cfg.batch_size)
+    mesh = build_mesh(config.mesh)
     result = run_training(
         run,
         discovery.init(stage_key(config, stage), cfg, config.metacontroller, variant, make_base),
-        discovery.make_train_chunk(cfg, config.metacontroller, frozen_base, layer, episodes),
+        discovery.make_train_chunk(cfg, config.metacontroller, frozen_base, layer, episodes, mesh),
         cfg.num_chunks,
         steps_per_chunk=cfg.updates_per_chunk,
         loop=config.loop,
         evaluate=discovery.make_evaluate(cfg, frozen_base, layer, heldout),
         description=stage,
+        mesh=mesh,
     )
     arrays = jax.device_get(discovery.make_analyse(frozen_base, layer, heldout)(result.state))
     heldout = discovery.crop_to_longest_episode(heldout)  # as the arrays are
@@ -455,15 +565,17 @@ def run_internal_rl(config: ExperimentConfig, runs_dir: str | Path, overwrite: b
     abstract_env = internal_rl.AbstractActionEnv(env, env.posttrain_params(), base, metacontroller,
                                                  config.discovery.controlled_layer(base.num_layers), cfg.switch_threshold)
     init_key, eval_key = jax.random.split(stage_key(config, stage))
+    mesh = build_mesh(config.mesh)
     result = run_training(
         run,
         internal_rl.init(init_key, cfg, abstract_env),
-        internal_rl.make_train_chunk(cfg, abstract_env),
+        internal_rl.make_train_chunk(cfg, abstract_env, mesh),
         cfg.num_chunks,
         steps_per_chunk=cfg.updates_per_chunk,
         loop=config.loop,
         evaluate=internal_rl.make_evaluate(cfg, abstract_env, eval_key),
         description=stage,
+        mesh=mesh,
     )
     finish_rl_stage(run, stage, result)
     return run
@@ -479,15 +591,17 @@ def run_grpo(config: ExperimentConfig, runs_dir: str | Path, overwrite: bool = F
     env = config.env.make()
     cfg = config.grpo
     init_key, eval_key = jax.random.split(stage_key(config, "grpo"))
+    mesh = build_mesh(config.mesh)
     result = run_training(
         run,
         grpo.init(init_key, cfg, base),
-        grpo.make_train_chunk(cfg, base, env, env.posttrain_params()),
+        grpo.make_train_chunk(cfg, base, env, env.posttrain_params(), mesh),
         cfg.num_chunks,
         steps_per_chunk=cfg.updates_per_chunk,
         loop=config.loop,
         evaluate=grpo.make_evaluate(cfg, env, env.posttrain_params(), eval_key),
         description="grpo",
+        mesh=mesh,
     )
     finish_rl_stage(run, "grpo", result)
     return run

@@ -35,7 +35,7 @@ def test_controllers_learn_and_leave_the_base_model_bitwise_unchanged(clean_data
     assert {leaf.shape for leaf in jax.tree.leaves(state.params)} == {(2, 4, 16, 16)}
     assert {leaf.shape for leaf in jax.tree.leaves(state.opt_state)} <= {(2, 4, 16, 16), (2,)}
 
-    train_chunk = controllers.make_train_chunk(cfg, base, layers, clean_data)
+    train_chunk = controllers.make_train_chunk(cfg, base, layers, controllers.dataset_episodes(clean_data, cfg.batch_size))
     history = []
     for _ in range(cfg.num_chunks):
         state, metrics = train_chunk(state)
@@ -44,6 +44,19 @@ def test_controllers_learn_and_leave_the_base_model_bitwise_unchanged(clean_data
         assert history[-1][f"action_nll/layer_{layer}"] < history[0][f"action_nll/layer_{layer}"]
         assert history[-1][f"action_nll/layer_{layer}"] < 0.95 * history[-1]["base_action_nll"]
     jax.tree.map(np.testing.assert_array_equal, host_copy(nnx.state(base)), before)
+
+
+def test_online_batches_are_fresh_clean_expert_episodes_with_their_subgoals():
+    from envs.experts import make_expert
+
+    sample = jax.jit(controllers.online_episodes(ENV, ENV.pretrain_params(), make_expert(ENV, 0.0), 6))
+    obs, actions, subgoals, mask = sample(jax.random.key(0))
+    assert obs.shape == (6, ENV.max_steps, ENV.observation_space.shape[0]) and actions.shape == mask.shape == (6, 40)
+    assert not np.array_equal(obs, sample(jax.random.key(1))[0])
+    valid = np.asarray(subgoals)[np.asarray(mask)]
+    assert set(valid.tolist()) <= {0, 1, 2, 3} and len(set(valid.tolist())) > 1
+    # Each episode starts on the first subgoal of a pretraining task, one of the four.
+    assert set(np.asarray(subgoals)[:, 0].tolist()) <= {0, 1, 2, 3}
 
 
 @pytest.mark.parametrize("rank", [16, 0])

@@ -248,18 +248,3 @@ def test_training_improves_the_greedy_return_and_is_deterministic(tmp_path):
         again, _ = train_chunk(again)
     jax.tree.map(np.testing.assert_array_equal, state.params, again.params)
 
-
-def test_train_writes_a_run_and_resumes(tmp_path):
-    from hrl.infra.loop import LoopConfig
-    from hrl.infra.metrics import read_metrics
-
-    env = PointMass()
-    cfg = ppo.PPOConfig(**{**TINY.__dict__, "num_iterations": 4, "iterations_per_chunk": 2, "eval_episodes": 4})
-    loop = LoopConfig(checkpoint_every=1, eval_every=1, progress=False)
-    result = ppo.train(tmp_path / "run", cfg, env, env.default_params, seed=0, loop=loop)
-    rows = read_metrics(tmp_path / "run")
-    assert [row["step"] for row in rows] == [2, 4] and "eval/success_rate" in rows[-1]
-    assert (tmp_path / "run" / "complete").is_file() and result.summary["resumed_from_step"] == 0
-    again = ppo.train(tmp_path / "run", cfg, env, env.default_params, seed=0, loop=loop)  # nothing left to run
-    assert again.summary["resumed_from_step"] == 4
-    jax.tree.map(np.testing.assert_array_equal, result.state.params, again.state.params)

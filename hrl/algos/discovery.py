@@ -42,6 +42,7 @@ from flax import nnx
 from hrl.analysis.segmentation import switching_statistics
 from hrl.data import expert as expert_data
 from hrl.infra.config import check
+from hrl.infra.mesh import Mesh, shard_batch
 from hrl.infra.objectives import masked_mean
 from hrl.infra.train_state import TrainState, adamw, independent_along_leading_axis
 from hrl.models.metacontroller import Metacontroller, MetacontrollerConfig, gaussian_kl
@@ -183,10 +184,11 @@ def online_episodes(env: Any, env_params: Any, expert: Callable, batch_size: int
 
 
 def make_train_chunk(cfg: DiscoveryConfig, meta_cfg: MetacontrollerConfig, frozen_base: Transformer | None,
-                     layer: int, sample_episodes: Episodes) -> Callable[[TrainState], tuple[TrainState, dict]]:
+                     layer: int, sample_episodes: Episodes, mesh: Mesh | None = None
+                     ) -> Callable[[TrainState], tuple[TrainState, dict]]:
     """A jitted `train_chunk(state) -> (state, metrics)` on batches from `sample_episodes`: per
     alpha `loss`, `action_nll` and `kl` (nats per step), and `mean_beta`. `frozen_base` None:
-    co-trained (the base is in the state)."""
+    co-trained (the base is in the state). With a `mesh`, the episodes are split over its devices."""
     alphas = jnp.asarray(cfg.alphas)
     optimizer = make_optimizer(cfg)
 
@@ -198,10 +200,10 @@ def make_train_chunk(cfg: DiscoveryConfig, meta_cfg: MetacontrollerConfig, froze
 
     def update(state: TrainState, _):
         key, batch_key, noise_key = jax.random.split(state.key, 3)
-        batch_obs, batch_actions, batch_mask = sample_episodes(batch_key)
+        batch_obs, batch_actions, batch_mask = shard_batch(sample_episodes(batch_key), mesh)
         # The frozen base's lower blocks: once for every alpha, outside the differentiated function.
         lower = frozen_base.lower(batch_obs, layer) if frozen_base is not None else None
-        noise = jax.random.normal(noise_key, (*batch_actions.shape, meta_cfg.latent_size))
+        noise = shard_batch(jax.random.normal(noise_key, (*batch_actions.shape, meta_cfg.latent_size)), mesh)
         updates_done = optax.tree_utils.tree_get(state.opt_state, "count")[0]
         warmup = jnp.minimum(1.0, (updates_done + 1) / cfg.kl_warmup_updates) if cfg.kl_warmup_updates else 1.0
         grad_fn = jax.vmap(jax.value_and_grad(loss_fn, has_aux=True), in_axes=(0, None, 0, None, None, None, None, None))

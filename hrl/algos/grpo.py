@@ -26,6 +26,7 @@ from flax import nnx
 
 from envs.base import Env
 from hrl.infra.config import check
+from hrl.infra.mesh import Mesh, shard_batch
 from hrl.infra.objectives import clipped_surrogate, epochs_of_minibatches, masked_mean, zscore
 from hrl.infra.train_state import TrainState
 from hrl.models import rollout as base_rollout
@@ -132,21 +133,22 @@ def policy_loss(cfg: GRPOConfig, graphdef, reference: ResidualStreamModel, param
     return loss, stats
 
 
-def make_train_chunk(cfg: GRPOConfig, base: ResidualStreamModel, env: Env, env_params: Any
+def make_train_chunk(cfg: GRPOConfig, base: ResidualStreamModel, env: Env, env_params: Any, mesh: Mesh | None = None
                      ) -> Callable[[TrainState], tuple[TrainState, dict]]:
     """A jitted `train_chunk(state)`: per update a batch of episodes of the current model, then the
-    clipped updates. Metrics as internal RL's (`episodes`: training episodes so far)."""
+    clipped updates. Metrics as internal RL's (`episodes`: training episodes so far). With a
+    `mesh`, the rollouts and each minibatch are split over its devices."""
     optimizer = make_optimizer(cfg)
 
     def update(state: TrainState, _):
         key, reset_key, action_key, update_key = jax.random.split(state.key, 4)
         # Each group's episodes share one layout: its reset key.
         reset_keys = jnp.repeat(jax.random.split(reset_key, cfg.num_groups), cfg.batch_size // cfg.num_groups, axis=0)
-        action_keys = jax.random.split(action_key, cfg.batch_size)
+        reset_keys, action_keys = shard_batch((reset_keys, jax.random.split(action_key, cfg.batch_size)), mesh)
         model = state.module()
-        episodes = jax.vmap(lambda r, a: rollout(model, env, env_params, r, a))(reset_keys, action_keys)
+        episodes = shard_batch(jax.vmap(lambda r, a: rollout(model, env, env_params, r, a))(reset_keys, action_keys), mesh)
         advantages = zscore(episodes.episode_return, cfg.num_groups)
-        loss = lambda params, batch: policy_loss(cfg, state.graphdef, base, params, batch)  # noqa: E731
+        loss = lambda params, batch: policy_loss(cfg, state.graphdef, base, params, shard_batch(batch, mesh))  # noqa: E731
         params, opt_state, stats = epochs_of_minibatches(loss, optimizer, state.params, state.opt_state,
                                                          (episodes, advantages), update_key, cfg.epochs, cfg.minibatches)
         metrics = {"success_rate": episodes.success.mean(), "return": episodes.episode_return.mean(),

@@ -40,6 +40,7 @@ from flax import nnx
 
 from envs.base import Env
 from hrl.infra.config import check
+from hrl.infra.mesh import Mesh, shard_batch
 from hrl.infra.objectives import clipped_surrogate, epochs_of_minibatches, zscore
 from hrl.infra.train_state import TrainState
 from hrl.models.hawk import HawkConfig, RecurrentBlock
@@ -172,6 +173,9 @@ class AbstractActionEnv:
 # The policy over z
 
 
+LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # keeps log-probabilities finite if the policy narrows fast
+
+
 class AbstractPolicy(nnx.Module):
     """pi(z | e at the switch times so far): read-in, one Hawk recurrent block, Gaussian head.
     The head starts at zero: the first policy is exactly the prior N(0, I)."""
@@ -200,7 +204,7 @@ class AbstractPolicy(nnx.Module):
 
     def _gaussian(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         mean, log_std = jnp.split(self.head(self.norm(x)), 2, axis=-1)
-        return mean, log_std
+        return mean, jnp.clip(log_std, LOG_STD_MIN, LOG_STD_MAX)
 
 
 def gaussian_log_prob(z: jax.Array, mean: jax.Array, log_std: jax.Array) -> jax.Array:
@@ -284,19 +288,22 @@ def policy_loss(cfg: InternalRLConfig, graphdef: nnx.GraphDef, params: Any, batc
     return -objective, stats
 
 
-def make_train_chunk(cfg: InternalRLConfig, abstract_env: AbstractActionEnv) -> Callable[[TrainState], tuple[TrainState, dict]]:
+def make_train_chunk(cfg: InternalRLConfig, abstract_env: AbstractActionEnv, mesh: Mesh | None = None
+                     ) -> Callable[[TrainState], tuple[TrainState, dict]]:
     """A jitted `train_chunk(state)`: `updates_per_chunk` times, a batch of episodes with the
     current policy, then the clipped updates. Metrics: the batches' success rate, return,
     decisions (abstract steps) per episode, length, progress, the update's statistics, and
-    `episodes`, the training episodes so far (the x axis of the paper's Fig. 8)."""
+    `episodes`, the training episodes so far (the x axis of the paper's Fig. 8). With a `mesh`, the
+    rollouts and each minibatch are split over its devices (the z-scoring stays batch-wide)."""
     optimizer = make_optimizer(cfg)
 
     def update(state: TrainState, _):
         key, rollout_key, update_key = jax.random.split(state.key, 3)
         policy = state.module()
-        episodes = jax.vmap(lambda k: rollout(abstract_env, policy, k))(jax.random.split(rollout_key, cfg.batch_size))
+        keys = shard_batch(jax.random.split(rollout_key, cfg.batch_size), mesh)
+        episodes = shard_batch(jax.vmap(lambda k: rollout(abstract_env, policy, k))(keys), mesh)
         advantages = zscore(episodes.episode_return)
-        loss = lambda params, batch: policy_loss(cfg, state.graphdef, params, batch)  # noqa: E731
+        loss = lambda params, batch: policy_loss(cfg, state.graphdef, params, shard_batch(batch, mesh))  # noqa: E731
         params, opt_state, stats = epochs_of_minibatches(loss, optimizer, state.params, state.opt_state,
                                                          (episodes.decisions, advantages), update_key,
                                                          cfg.epochs, cfg.minibatches)

@@ -402,22 +402,3 @@ def make_evaluate(cfg: PPOConfig, env: Env, env_params: Any, key: jax.Array) -> 
 
     return evaluate
 
-
-def train(run_path, cfg: PPOConfig, env: Env, env_params: Any, seed: int, loop=None, overwrite: bool = False):
-    """Trains (or resumes) a PPO policy in the run directory `run_path` with the project's host
-    loop: TensorBoard and metrics.jsonl, orbax checkpoints, resume, NaN stop. Returns the loop's
-    `TrainResult`; the directory is marked complete at the end."""
-    from hrl.infra.loop import LoopConfig, run_training
-    from hrl.infra.rundir import RunDir
-
-    cfg.validate()
-    loop = loop or LoopConfig()
-    run = RunDir.open(run_path, {"ppo": cfg, "env": {"name": env.name, "horizon": env.max_steps}, "seed": seed},
-                      overwrite=overwrite)
-    init_key, eval_key = jax.random.split(jax.random.key(seed))
-    state = init(init_key, cfg, env, env_params)
-    result = run_training(run, state, make_train_chunk(cfg, env, env_params, state.graphdef), cfg.num_chunks,
-                          steps_per_chunk=cfg.iterations_per_chunk, loop=loop,
-                          evaluate=make_evaluate(cfg, env, env_params, eval_key), description=f"ppo {env.name}")
-    run.mark_complete(result.summary)
-    return result

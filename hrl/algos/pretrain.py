@@ -58,6 +58,7 @@ from flax import nnx
 
 from hrl.data import expert as expert_data
 from hrl.infra.config import check
+from hrl.infra.mesh import Mesh, shard_batch
 from hrl.infra.objectives import masked_mean
 from hrl.infra.train_state import TrainState, adamw
 from hrl.models import rollout
@@ -196,14 +197,16 @@ def objective(params: nnx.State, graphdef: nnx.GraphDef, batch: Batch, cfg: Pret
     return terms["action_nll"] + cfg.obs_loss_weight * terms.get("obs_nll", 0.0), terms
 
 
-def make_train_chunk(cfg: PretrainConfig, sample_batch: Callable[[jax.Array], Batch]) -> Callable[[TrainState], tuple[TrainState, dict]]:
+def make_train_chunk(cfg: PretrainConfig, sample_batch: Callable[[jax.Array], Batch], mesh: Mesh | None = None
+                     ) -> Callable[[TrainState], tuple[TrainState, dict]]:
     """A jitted `train_chunk(state) -> (state, metrics)` of `cfg.updates_per_chunk` updates, each on
-    `sample_batch(key)` (see `dataset_batches` and `online_batches`)."""
+    `sample_batch(key)` (see `dataset_batches` and `online_batches`). With a `mesh`, each batch
+    is split over its devices."""
     optimizer = make_optimizer(cfg)
 
     def update(state: TrainState, _):
         key, batch_key = jax.random.split(state.key)
-        batch = sample_batch(batch_key)
+        batch = shard_batch(sample_batch(batch_key), mesh)
         (loss, terms), grads = jax.value_and_grad(objective, has_aux=True)(state.params, state.graphdef, batch, cfg)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

@@ -24,6 +24,7 @@ import optax
 from flax import nnx
 
 from hrl.infra.config import check
+from hrl.infra.mesh import Mesh, shard_batch
 from hrl.infra.train_state import TrainState, adamw, independent_along_leading_axis
 from hrl.models.transformer import Transformer
 
@@ -101,7 +102,8 @@ def by_layer(name: str, values: jax.Array) -> dict[str, jax.Array]:
     return {f"{name}/layer_{layer}": value for layer, value in enumerate(values)}
 
 
-def make_train_chunk(cfg: ProbeConfig, base: Transformer, train: Any) -> Callable[[TrainState], tuple[TrainState, dict]]:
+def make_train_chunk(cfg: ProbeConfig, base: Transformer, train: Any, mesh: Mesh | None = None
+                     ) -> Callable[[TrainState], tuple[TrainState, dict]]:
     """A jitted `train_chunk(state) -> (state, metrics)` of `cfg.updates_per_chunk` updates on `train`:
     per-layer cross-entropy `loss/layer_l` and accuracy `accuracy/layer_l`."""
     obs, subgoals, mask = jnp.asarray(train.obs), jnp.asarray(train.subgoals), jnp.asarray(train.mask)
@@ -115,9 +117,10 @@ def make_train_chunk(cfg: ProbeConfig, base: Transformer, train: Any) -> Callabl
     def update(state: TrainState, _):
         key, batch_key = jax.random.split(state.key)
         episodes = jax.random.randint(batch_key, (cfg.batch_size,), 0, obs.shape[0])
-        residuals = base(obs[episodes]).residuals  # outside the differentiated function: the base is frozen
+        batch_obs, batch_subgoals, batch_mask = shard_batch((obs[episodes], subgoals[episodes], mask[episodes]), mesh)
+        residuals = base(batch_obs).residuals  # outside the differentiated function: the base is frozen
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (_, (nll, accuracy)), grads = grad_fn(state.params, state.graphdef, residuals, subgoals[episodes], mask[episodes])
+        (_, (nll, accuracy)), grads = grad_fn(state.params, state.graphdef, residuals, batch_subgoals, batch_mask)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         return state.replace(params=params, opt_state=opt_state, key=key), (nll, accuracy)

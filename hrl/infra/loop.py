@@ -14,16 +14,20 @@ from S drops whatever was logged after S (see `hrl.infra.metrics`).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import jax
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from hrl.infra.checkpoint import Checkpointer
 from hrl.infra.config import check
+from hrl.infra.mesh import is_logging_process, replicate, replicated
 from hrl.infra.metrics import MetricsWriter
 from hrl.infra.rundir import RunDir
 
@@ -67,19 +71,26 @@ def run_training(
     loop: LoopConfig = LoopConfig(),
     evaluate: Callable[[State], Metrics] | None = None,
     description: str = "train",
+    mesh: Mesh | None = None,
 ) -> TrainResult:
     """Run chunks up to `num_chunks`; the global step after chunk c is `(c + 1) * steps_per_chunk`.
 
     Resumes from the newest checkpoint in `run` if there is one. Raises `NonFiniteMetricError`
-    on the first non-finite training metric.
+    on the first non-finite training metric. With a `mesh` (see `hrl.infra.mesh`) the state is
+    replicated on its devices, and `train_chunk` should be the algorithm's chunk for that mesh.
+    On several processes every process runs this loop (checkpoints are collective); only process
+    0 writes metrics and shows progress.
     """
     final_step = num_chunks * steps_per_chunk
+    initial_state = replicate(initial_state, mesh)  # before the restore: restored arrays take its sharding
+    train_chunk = _replicated_in_and_out(train_chunk, mesh)
     with Checkpointer(run.checkpoint_dir, keep_last=loop.keep_checkpoints) as checkpointer:
         restored = checkpointer.restore_latest(initial_state)
         start_step, state = restored if restored is not None else (0, initial_state)
         summary = {"step": final_step, "resumed_from_step": start_step, "compile_s": 0.0, "run_s": 0.0}
         chunks = range(start_step // steps_per_chunk, num_chunks)
-        with MetricsWriter(run.path, resume_step=start_step) as writer, _progress_bar(chunks, loop, description) as bar:
+        writer = MetricsWriter(run.path, resume_step=start_step) if is_logging_process() else _LatestOnly(run.metrics_path, start_step)
+        with writer, _progress_bar(chunks, loop, description) as bar:
             if chunks:
                 train_chunk, summary["compile_s"] = _compile(train_chunk, state)
             for chunk in chunks:
@@ -104,6 +115,38 @@ def run_training(
                     checkpointer.save(step, state)
             summary["metrics"] = dict(writer.latest)
     return TrainResult(state=state, step=final_step, summary=summary)
+
+
+class _LatestOnly:
+    """The metrics writer of a process that does not log: it only keeps the latest values, which
+    every process needs for its summary (on a resume, those process 0 logged up to the restart)."""
+
+    def __init__(self, metrics_path: Path, resume_step: int):
+        self.latest: dict[str, float] = {}
+        for line in metrics_path.read_text().splitlines() if metrics_path.exists() else []:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # the torn last line of a killed run
+                continue
+            if record["step"] <= resume_step:
+                self.latest.update({k: v for k, v in record.items() if k not in ("step", "wall_time")})
+
+    def write(self, step: int, metrics: Metrics) -> None:
+        self.latest.update(metrics)
+
+    def __enter__(self) -> "_LatestOnly":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        pass
+
+
+def _replicated_in_and_out(train_chunk: Callable, mesh: Mesh | None) -> Callable:
+    """Pin the state and metrics a chunk returns to replicated: the next chunk's compiled program
+    expects the state as it was given, whatever layout XLA would otherwise pick for the outputs."""
+    if mesh is None:
+        return train_chunk
+    return jax.jit(train_chunk, in_shardings=replicated(mesh), out_shardings=replicated(mesh))
 
 
 def _compile(train_chunk: Callable, state: State) -> tuple[Callable, float]:
@@ -136,6 +179,6 @@ def _progress_bar(chunks: range, loop: LoopConfig, description: str) -> tqdm:
     # Without a terminal (a log file, CI), redraw rarely so the log is not flooded.
     interactive = sys.stderr.isatty()
     return tqdm(
-        total=chunks.stop, initial=chunks.start, desc=description, unit="chunk", disable=not loop.progress,
+        total=chunks.stop, initial=chunks.start, desc=description, unit="chunk", disable=not (loop.progress and is_logging_process()),
         mininterval=0.1 if interactive else 30.0, dynamic_ncols=interactive, file=sys.stderr,
     )

@@ -23,6 +23,7 @@ from typing import Any, Mapping
 import yaml
 
 from hrl.infra.config import ConfigError, to_dict
+from hrl.infra.mesh import is_logging_process
 
 CONFIG_FILE = "config.yaml"
 COMPLETE_FILE = "complete"
@@ -103,7 +104,11 @@ def _describe_differences(saved: Any, new: Any, prefix: str = "") -> str:
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    """Write then rename, so a kill never leaves a half-written file under the final name."""
+    """Write then rename, so a kill never leaves a half-written file under the final name. On
+    several processes sharing the run directory only process 0 writes (two writers would race
+    on the temporary file)."""
+    if not is_logging_process():
+        return
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text(text)
     os.replace(temporary, path)
