@@ -41,7 +41,7 @@ from flax import nnx
 from envs.base import Env
 from hrl.infra.config import check
 from hrl.infra.mesh import Mesh, shard_batch
-from hrl.infra.objectives import clipped_surrogate, epochs_of_minibatches, zscore
+from hrl.infra.objectives import clipped_surrogate, epochs_of_minibatches, on_policy_chunk, zscore
 from hrl.infra.train_state import TrainState
 from hrl.models.hawk import HawkConfig, RecurrentBlock
 from hrl.models.metacontroller import Metacontroller
@@ -312,15 +312,7 @@ def make_train_chunk(cfg: InternalRLConfig, abstract_env: AbstractActionEnv, mes
                    "episode_length": episodes.length.mean(), "progress": episodes.progress.mean(), **stats}
         return state.replace(params=params, opt_state=opt_state, key=key), metrics
 
-    @jax.jit
-    def train_chunk(state: TrainState):
-        state, metrics = jax.lax.scan(update, state, length=cfg.updates_per_chunk)
-        metrics = jax.tree.map(jnp.mean, metrics)
-        steps_done = optax.tree_utils.tree_get(state.opt_state, "count")
-        metrics["episodes"] = steps_done // (cfg.epochs * cfg.minibatches) * cfg.batch_size
-        return state, metrics
-
-    return train_chunk
+    return on_policy_chunk(update, cfg.updates_per_chunk, cfg.batch_size, cfg.epochs * cfg.minibatches)
 
 
 def make_evaluate(cfg: InternalRLConfig, abstract_env: AbstractActionEnv, key: jax.Array

@@ -65,3 +65,20 @@ def epochs_of_minibatches(loss_fn: Loss, optimizer: optax.GradientTransformation
 
     (params, opt_state), stats = jax.lax.scan(epoch, (params, opt_state), jax.random.split(key, epochs))
     return params, opt_state, jax.tree.map(jnp.mean, stats)
+
+
+def on_policy_chunk(update: Callable, updates_per_chunk: int, batch_size: int, steps_per_update: int) -> Callable:
+    """The jitted `train_chunk(state)` of an on-policy algorithm: `update(state, _) -> (state,
+    metrics)` `updates_per_chunk` times in `lax.scan`, metrics averaged over them, and `episodes`,
+    the training episodes so far (the optimiser's step count over its `steps_per_update` gradient
+    steps per update, times `batch_size` episodes per update)."""
+
+    @jax.jit
+    def train_chunk(state):
+        state, metrics = jax.lax.scan(update, state, length=updates_per_chunk)
+        metrics = jax.tree.map(jnp.mean, metrics)
+        steps_done = optax.tree_utils.tree_get(state.opt_state, "count")
+        metrics["episodes"] = steps_done // steps_per_update * batch_size
+        return state, metrics
+
+    return train_chunk
