@@ -139,6 +139,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--gym-envs", type=int, default=8)
     parser.add_argument("--gym-steps", type=int, default=500, help="vector steps per timed Ant-v5 run")
+    parser.add_argument("--forms", default="vmap,scan",
+                        help="batched forms of ant-pinpad to time: vmap (jit(vmap(scan(step)))), scan (scan(VmapAutoReset))")
     parser.add_argument("--skip-gymnasium", action="store_true")
     parser.add_argument("--output", help="write the results as JSON to this path")
     return parser.parse_args(argv)
@@ -148,7 +150,11 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     info = machine()
     results = []
+    forms = {"vmap": "jit(vmap(scan(step)))", "scan": "scan(VmapAutoReset)"}
+    chosen = [forms[form] for form in args.forms.split(",")]
     for name, (fn, states) in mjx_contenders(args.batch, args.steps).items():
+        if name not in chosen:
+            continue
         results.append(measure_mjx(name, fn, states, args.batch, args.steps, args.repeats))
         print(f"measured {results[-1]['name']}", file=sys.stderr)
     if not args.skip_gymnasium:
@@ -158,7 +164,7 @@ def main(argv=None) -> None:
         print(f"| {r['name']} | {r['batch']} | {r['compile_s']:.1f} | {r['best_run_s']:.3f} | {r['steps_per_s']:,.0f} |")
     reference = next((r["steps_per_s"] for r in results if "SyncVectorEnv" in r["name"]), None)
     if reference:
-        for r in results[:2]:
+        for r in results[:len(chosen)]:
             print(f"{r['name']} / Ant-v5 SyncVectorEnv: {r['steps_per_s'] / reference:.2f}x")
     if args.output:
         with open(args.output, "w") as out:

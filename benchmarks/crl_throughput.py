@@ -81,8 +81,8 @@ def make_gradient_steps(cfg: crl.CRLConfig, env, num_steps: int):
     return steps
 
 
-def measure(preset: str, depth: int, updates: int, repeats: int, peak: float) -> dict:
-    config = load_config(ExperimentConfig, preset, depth_overrides(depth))
+def measure(preset: str, depth: int, updates: int, repeats: int, peak: float, overrides: list[str] = ()) -> dict:
+    config = load_config(ExperimentConfig, preset, [*overrides, *depth_overrides(depth)])
     cfg, env = config.crl, config.env.make()
     state = crl.init(jax.random.key(0), cfg, env, env.default_params)
     steps = make_gradient_steps(cfg, env, updates)
@@ -121,11 +121,12 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=20, help="gradient steps per timed call (one lax.scan)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls after the first; the best counts")
     parser.add_argument("--output", help="write the results as JSON here")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the preset (the depths override depth)")
     args = parser.parse_args()
     peak = matmul_peak_flops()
     results = []
     for depth in (int(d) for d in args.depths.split(",")):
-        result = measure(args.preset, depth, args.updates, args.repeats, peak)
+        result = measure(args.preset, depth, args.updates, args.repeats, peak, args.overrides)
         results.append(result)
         print(json.dumps(result), flush=True)
     print("\n| depth | width | batch | compile s | gradient steps/s | matmul GFLOP/step | achieved GFLOP/s | fraction of peak |")

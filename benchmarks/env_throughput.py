@@ -238,13 +238,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     contenders = OURS + (() if args.skip_peers else PEERS)
-    results = []
+    results, skipped = [], {}
     for batch in args.batch_sizes:
         for make in contenders:
             try:
                 contender = make(batch)
             except ImportError as err:
                 print(f"skipping {make.__name__}: {err} (install the [bench] extra)", file=sys.stderr)
+                skipped[make.__name__] = str(err)
                 continue
             results.append(measure(contender, batch, args.steps, args.repeats))
             print(f"measured {contender.name} / {contender.autoreset} at batch {batch}", file=sys.stderr)
@@ -262,6 +263,7 @@ def main(argv=None) -> None:
             "protocol": {"steps": args.steps, "repeats": args.repeats, "horizon": HORIZON},
             "results": [asdict(m) for m in results],
             "ratio_ours_over": {peer: {str(b): r for b, r in by_batch.items()} for peer, by_batch in summary.items()},
+            "skipped": skipped,  # contender -> why (a peer that is not installed)
         }
         with open(args.output, "w") as out:
             json.dump(report, out, indent=2)

@@ -41,10 +41,11 @@ def timed_chunks(train_chunk, state, repeats: int) -> tuple[float, float]:
     return first, best
 
 
-def measure(preset: str, updates: int, repeats: int) -> list[dict]:
+def measure(preset: str, updates: int, repeats: int, overrides: list[str] = ()) -> list[dict]:
     config = load_config(ExperimentConfig, preset, [f"internal_rl.updates_per_chunk={updates}",
                                                      f"internal_rl.num_updates={updates}",
-                                                     f"grpo.updates_per_chunk={updates}", f"grpo.num_updates={updates}"])
+                                                     f"grpo.updates_per_chunk={updates}", f"grpo.num_updates={updates}",
+                                                     *overrides])
     env = config.env.make()
     base = init_pretrain_state(config, env, jax.random.key(0)).module()
     metacontroller = Metacontroller(config.metacontroller, base.cfg.width, rngs=nnx.Rngs(params=jax.random.key(1)))
@@ -73,9 +74,14 @@ def main() -> None:
     parser.add_argument("--preset", default="gridworld/quick")
     parser.add_argument("--updates", type=int, default=5, help="updates per timed chunk (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=3, help="timed chunks after the first (default: %(default)s)")
+    parser.add_argument("--output", help="write the rows as JSON here")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the preset (e.g. smaller sizes)")
     args = parser.parse_args()
     print(f"devices: {jax.devices()}", flush=True)
-    measure(args.preset, args.updates, args.repeats)
+    rows = measure(args.preset, args.updates, args.repeats, args.overrides)
+    if args.output:
+        with open(args.output, "w") as file:
+            json.dump(rows, file, indent=2)
 
 
 if __name__ == "__main__":

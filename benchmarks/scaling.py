@@ -23,8 +23,12 @@ import subprocess
 import sys
 
 
-def worker(preset: str, devices: int, pretrain_updates: int, rl_updates: int, repeats: int) -> None:
-    """Runs in the fresh Python: measure both stages on `devices` devices and print JSON lines."""
+STAGES = ("pretrain", "internal_rl")
+
+
+def worker(preset: str, devices: int, pretrain_updates: int, rl_updates: int, repeats: int,
+           overrides: list[str] = (), stages: tuple[str, ...] = STAGES) -> None:
+    """Runs in the fresh Python: measure the stages on `devices` devices and print JSON lines."""
     import jax
     from flax import nnx
 
@@ -37,17 +41,21 @@ def worker(preset: str, devices: int, pretrain_updates: int, rl_updates: int, re
 
     config = load_config(ExperimentConfig, preset, [
         f"pretrain.updates_per_chunk={pretrain_updates}", f"pretrain.num_updates={pretrain_updates}",
-        f"internal_rl.updates_per_chunk={rl_updates}", f"internal_rl.num_updates={rl_updates}"])
-    assert jax.device_count() == devices, f"asked for {devices} devices, jax sees {jax.device_count()}"
+        f"internal_rl.updates_per_chunk={rl_updates}", f"internal_rl.num_updates={rl_updates}", *overrides])
+    # >=: on accelerators the mesh takes the first `devices` of them; on a CPU the flag makes exactly that many.
+    assert jax.device_count() >= devices, f"asked for {devices} devices, jax sees {jax.device_count()}"
     mesh = build_mesh(MeshConfig(devices=devices))
     env = config.env.make()
     state = init_pretrain_state(config, env, jax.random.key(0))
-    if config.pretrain.data != "online":
-        raise SystemExit("this benchmark times the online pretraining batches (no collected dataset needed)")
-    chunk = pretrain.make_train_chunk(config.pretrain, pretrain_batches(config, None, env), mesh)
-    first, best = timed_chunks(chunk, replicate(state, mesh), repeats)
-    tokens = config.pretrain.batch_size * env.max_steps * pretrain_updates
-    _report(preset, "pretrain", devices, first, best, pretrain_updates, tokens_per_s=tokens / best)
+    if "pretrain" in stages:
+        if config.pretrain.data != "online":
+            raise SystemExit("this benchmark times the online pretraining batches (no collected dataset needed)")
+        chunk = pretrain.make_train_chunk(config.pretrain, pretrain_batches(config, None, env), mesh)
+        first, best = timed_chunks(chunk, replicate(state, mesh), repeats)
+        tokens = config.pretrain.batch_size * env.max_steps * pretrain_updates
+        _report(preset, "pretrain", devices, first, best, pretrain_updates, tokens_per_s=tokens / best)
+    if "internal_rl" not in stages:
+        return
 
     base = state.module()
     metacontroller = Metacontroller(config.metacontroller, base.cfg.width, rngs=nnx.Rngs(params=jax.random.key(1)))
@@ -74,16 +82,30 @@ def main() -> None:
     parser.add_argument("--pretrain-updates", type=int, default=10, help="pretraining updates per timed call")
     parser.add_argument("--rl-updates", type=int, default=2, help="internal-RL updates per timed call")
     parser.add_argument("--repeats", type=int, default=2, help="timed calls after the first; the best counts")
+    parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated, of " + ", ".join(STAGES))
+    parser.add_argument("--output", help="write the rows (one per stage and device count) as JSON here")
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the preset (e.g. smaller sizes)")
     args = parser.parse_args()
+    stages = tuple(args.stages.split(","))
+    if not set(stages) <= set(STAGES):
+        parser.error(f"--stages: choose from {', '.join(STAGES)}")
     if args.worker is not None:
-        worker(args.preset, args.worker, args.pretrain_updates, args.rl_updates, args.repeats)
+        worker(args.preset, args.worker, args.pretrain_updates, args.rl_updates, args.repeats, args.overrides, stages)
         return
+    rows = []
     for devices in args.devices:
         flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
         command = [sys.executable, __file__, "--worker", str(devices), "--preset", args.preset, "--pretrain-updates",
-                   str(args.pretrain_updates), "--rl-updates", str(args.rl_updates), "--repeats", str(args.repeats)]
-        subprocess.run(command, env={**os.environ, "XLA_FLAGS": flags}, check=True)
+                   str(args.pretrain_updates), "--rl-updates", str(args.rl_updates), "--repeats", str(args.repeats),
+                   "--stages", args.stages, *args.overrides]
+        worker_run = subprocess.run(command, env={**os.environ, "XLA_FLAGS": flags}, check=True, stdout=subprocess.PIPE,
+                                    text=True)
+        print(worker_run.stdout, end="", flush=True)
+        rows += [json.loads(line) for line in worker_run.stdout.splitlines() if line.startswith("{")]
+    if args.output:
+        with open(args.output, "w") as file:
+            json.dump(rows, file, indent=2)
 
 
 if __name__ == "__main__":

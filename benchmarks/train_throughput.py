@@ -71,9 +71,9 @@ def gradient_flops(state, cfg, sample_batch) -> float:
     return float(analysis["flops"])
 
 
-def measure(preset: str, updates: int, repeats: int) -> dict:
+def measure(preset: str, updates: int, repeats: int, overrides: list[str] = ()) -> dict:
     config = load_config(ExperimentConfig, preset, [f"pretrain.updates_per_chunk={updates}",
-                                                     f"pretrain.num_updates={updates}"])
+                                                     f"pretrain.num_updates={updates}", *overrides])
     env = config.env.make()
     cfg = config.pretrain
     dataset = synthetic_dataset(max(cfg.batch_size, 256), env.max_steps, env.observation_space.shape[0])
@@ -116,8 +116,9 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=20, help="updates per timed call (one lax.scan)")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls after the first; the best counts")
     parser.add_argument("--output", help="write the result as JSON here")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the preset (e.g. smaller sizes)")
     args = parser.parse_args()
-    result = measure(args.preset, args.updates, args.repeats)
+    result = measure(args.preset, args.updates, args.repeats, args.overrides)
     for name, value in result.items():
         print(f"{name}: {value:.4g}" if isinstance(value, float) else f"{name}: {value}")
     if args.output:

@@ -4,9 +4,9 @@
     hrl train-bc [--preset gridworld/quick] [--runs-dir runs] [--seed K] [--overwrite] [key.sub=value ...]
     hrl render   [--preset ...] [--episode N] [--clean] [--output PATH] [--fps F] [key.sub=value ...]
     hrl probe | hrl controllers   (same options as collect)
-    hrl discover [--variant frozen|beta1|cotrained]   (same options as collect)
-    hrl internal-rl [--variant frozen|beta1|cotrained]   (same options as collect)
-    hrl grpo     (same options as collect)
+    hrl discover [--variant frozen|beta1|cotrained] [--seeds 0,1,2]   (same options as collect)
+    hrl internal-rl [--variant frozen|beta1|cotrained] [--seeds 0,1,2]   (same options as collect)
+    hrl grpo     [--seeds 0,1,2]   (same options as collect; --seeds: one vmapped program, a run dir each)
     hrl crl      [--preset gridworld/crl_quick] ...   (same options as collect)
     hrl train-expert [--preset ant/quick] ...   (same options as collect; the ant's PPO expert, which
                  `hrl collect --preset ant/...` trains first when it is not complete)
@@ -19,7 +19,6 @@ Rerunning an interrupted command resumes it; completed stages are skipped.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -41,6 +40,7 @@ from hrl.experiment import (
     run_internal_rl,
     run_pretrain,
     run_probe,
+    run_stage,
     write_results_table,
 )
 from hrl.infra.config import ConfigError, load_config, to_yaml
@@ -57,14 +57,13 @@ def train_bc_command(config: ExperimentConfig, args: argparse.Namespace) -> None
 
 
 def pipeline_command(config: ExperimentConfig, args: argparse.Namespace) -> None:
-    """Every stage in order for each seed; complete stages are skipped, interrupted ones resume.
-    Then the results table and the figures of the complete stages."""
+    """Every stage in order, each for every seed (the RL stages train their seeds in one vmapped
+    program); complete stages are skipped, interrupted ones resume. Then the results table and
+    the figures of the complete stages."""
     from hrl.analysis.figures import write_figures  # matplotlib: only this command needs it
 
-    for seed in args.seeds:
-        seeded = dataclasses.replace(config, run=dataclasses.replace(config.run, seed=seed))
-        for stage in PIPELINE_STAGES:
-            stage(seeded, args.runs_dir)
+    for stage in PIPELINE_STAGES:
+        run_stage(stage, config, args.runs_dir, args.seeds)
     table = write_results_table(config, args.runs_dir, args.seeds)
     figures = write_figures(args.runs_dir, config.run.experiment, args.seeds)
     print(f"pipeline: done; results in {table}" + "".join(f", {figure}" for figure in figures))
@@ -83,15 +82,15 @@ def controllers_command(config: ExperimentConfig, args: argparse.Namespace) -> N
 
 
 def discover_command(config: ExperimentConfig, args: argparse.Namespace) -> None:
-    run_discovery(config, args.runs_dir, overwrite=args.overwrite, variant=args.variant)
+    run_discovery(config, args.runs_dir, overwrite=args.overwrite, variant=args.variant, seeds=args.seeds)
 
 
 def internal_rl_command(config: ExperimentConfig, args: argparse.Namespace) -> None:
-    run_internal_rl(config, args.runs_dir, overwrite=args.overwrite, variant=args.variant)
+    run_internal_rl(config, args.runs_dir, overwrite=args.overwrite, variant=args.variant, seeds=args.seeds)
 
 
 def grpo_command(config: ExperimentConfig, args: argparse.Namespace) -> None:
-    run_grpo(config, args.runs_dir, overwrite=args.overwrite)
+    run_grpo(config, args.runs_dir, overwrite=args.overwrite, seeds=args.seeds)
 
 
 def crl_command(config: ExperimentConfig, args: argparse.Namespace) -> None:
@@ -161,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("train-bc", train_bc_command,
         "behaviour-clone the expert with an MLP (stage 'bc'; runs 'collect' first if it is not complete)", [common, stage])
     add("pretrain", pretrain_command,
-        "pretrain the base transformer on D and evaluate it closed-loop (stage 'pretrain')", [common, stage])
+        "pretrain the base model (transformer or Hawk) on D and evaluate it closed-loop (stage 'pretrain')", [common, stage])
     add("probe", probe_command,
         "linear probes of the current subgoal on every layer of the frozen base model (stage 'probe')",
         [common, stage])
@@ -181,9 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "runs discovery first if it is not complete)", [common, stage])
     internal.add_argument("--variant", choices=DISCOVERY_VARIANTS, default="frozen",
                           help="which discovery run's metacontroller to use (default: %(default)s)")
-    add("grpo", grpo_command,
-        "raw-action RL fine-tuning the pretrained base model on the post-training task (stage 'grpo')",
-        [common, stage])
+    grpo_parser = add("grpo", grpo_command,
+                      "raw-action RL fine-tuning the pretrained base model on the post-training task (stage 'grpo')",
+                      [common, stage])
+    for seeded in (discover, internal, grpo_parser):
+        seeded.add_argument("--seeds", type=seed_list, help="comma-separated seeds trained together in one vmapped "
+                                                        "program, each into its own run directory (default: --seed)")
     crl = add("crl", crl_command,
               "contrastive goal-conditioned RL from scratch on a goal-reaching environment (stage 'crl'; "
               "default preset gridworld/crl_quick: the post-training task; gridworld/crl_goal_quick: reach a cell)",

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -34,12 +35,12 @@ from hrl.algos.probe import ProbeConfig
 from hrl.data import expert, ppo_expert
 from hrl.data.expert import CollectConfig
 from hrl.infra.config import check
-from hrl.infra.loop import LoopConfig, run_training
+from hrl.infra.loop import LoopConfig, TrainResult, run_training, run_training_seeds, vmap_seeds
 from hrl.infra.mesh import MeshConfig, build_mesh
 from hrl.infra.rundir import RunDir
 from hrl.infra.train_state import TrainState
 from hrl.models.metacontroller import MetacontrollerConfig
-from hrl.models.transformer import Transformer, TransformerConfig
+from hrl.models.backbones import ModelConfig, make_model
 
 
 @dataclasses.dataclass
@@ -73,7 +74,7 @@ class ExperimentConfig:
     env: EnvConfig = dataclasses.field(default_factory=EnvConfig)
     collect: CollectConfig = dataclasses.field(default_factory=CollectConfig)
     bc: BCConfig = dataclasses.field(default_factory=BCConfig)
-    model: TransformerConfig = dataclasses.field(default_factory=TransformerConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)  # the base model: transformer or hawk
     pretrain: PretrainConfig = dataclasses.field(default_factory=PretrainConfig)
     probe: ProbeConfig = dataclasses.field(default_factory=ProbeConfig)
     controllers: ControllerConfig = dataclasses.field(default_factory=ControllerConfig)
@@ -200,6 +201,9 @@ def check_collect_fits_expert(config: ExperimentConfig) -> None:
         check(config.collect.epsilon == 0.0, "collect.epsilon",
               f"must be 0 for {config.env.name} (the grid expert's noise; the ant's D samples the PPO expert)",
               config.collect.epsilon)
+        check(config.pretrain.data == "dataset", "pretrain.data",
+              f"must be 'dataset' for {config.env.name} (its PPO expert does not generate episodes inside the "
+              "update yet)", config.pretrain.data)
 
 
 def expert_env(config: ExperimentConfig) -> envs.Env:
@@ -221,15 +225,17 @@ def run_ant_expert(config: ExperimentConfig, runs_dir: str | Path, overwrite: bo
     init_key, eval_key = jax.random.split(stage_key(config, "ant_expert"))
     cfg = config.ppo
     state = ppo.init(init_key, cfg, env, params)
+    mesh = build_mesh(config.mesh)
     result = run_training(
         run,
         state,
-        ppo.make_train_chunk(cfg, env, params, state.graphdef),
+        ppo.make_train_chunk(cfg, env, params, state.graphdef, mesh),
         cfg.num_chunks,
         steps_per_chunk=cfg.iterations_per_chunk,
         loop=config.loop,
         evaluate=ppo.make_evaluate(cfg, env, params, eval_key),
         description="ant_expert",
+        mesh=mesh,
     )
     metrics = result.summary["metrics"]
     run.mark_complete({**result.summary, "env": env.name, "env_steps": metrics["env_steps"],
@@ -276,15 +282,17 @@ def run_bc(config: ExperimentConfig, runs_dir: str | Path, overwrite: bool = Fal
     env = config.env.make()
     init_key, eval_key = jax.random.split(stage_key(config, "bc"))
     cfg = config.bc
+    mesh = build_mesh(config.mesh)
     result = run_training(
         run,
         bc.init(init_key, cfg, obs_dim=env.observation_space.shape[0], num_actions=env.action_space.n),
-        bc.make_train_chunk(cfg, dataset),
+        bc.make_train_chunk(cfg, dataset, mesh),
         cfg.num_chunks,
         steps_per_chunk=cfg.updates_per_chunk,
         loop=config.loop,
         evaluate=bc.make_evaluate(cfg, env, env.fixed_task_params(cfg.eval_task), eval_key),
         description="bc",
+        mesh=mesh,
     )
     run.mark_complete(result.summary)
     print(f"bc: done ({run.path}): " + ", ".join(f"{k}={v:.4g}" for k, v in result.summary["metrics"].items()
@@ -293,8 +301,8 @@ def run_bc(config: ExperimentConfig, runs_dir: str | Path, overwrite: bool = Fal
 
 
 def init_pretrain_state(config: ExperimentConfig, env: envs.Env, key: jax.Array) -> TrainState:
-    """The base model's initial train state, sized for `env` (observation, actions, grid shape)."""
-    return pretrain.init(key, config.pretrain, config.model, env.observation_space.shape[0], env.action_space.n,
+    """The base model's initial train state, sized for `env` (its heads follow `env`'s spaces)."""
+    return pretrain.init(key, config.pretrain, config.model, env.observation_space, env.action_space,
                          getattr(env, "grid_shape", None))
 
 
@@ -306,14 +314,14 @@ def pretrain_batches(config: ExperimentConfig, runs_dir: str | Path, env: envs.E
         if cfg.labels == "expert":
             labelled = make_labelled_expert(env, epsilon)
         else:
-            labelled = pretrain.taken_action_targets(make_expert(env, epsilon), env.action_space.n)
+            labelled = pretrain.taken_action_targets(make_expert(env, epsilon), env.action_space)
         return pretrain.online_batches(env, env.pretrain_params(), labelled, cfg.batch_size)
     dataset = expert.load_dataset(run_collect(config, runs_dir).path / EXPERT_DATA)
-    return pretrain.dataset_batches(dataset, cfg.batch_size, env.action_space.n)
+    return pretrain.dataset_batches(dataset, cfg.batch_size, env.action_space)
 
 
 def run_pretrain(config: ExperimentConfig, runs_dir: str | Path, overwrite: bool = False) -> RunDir:
-    """Pretrain the base transformer on D; evaluate it closed-loop in the environment."""
+    """Pretrain the base model on D; evaluate it closed-loop in the environment."""
     run = stage_run_dir(config, runs_dir, "pretrain", overwrite)
     if run.is_complete:
         print(f"pretrain: complete, skipped ({run.path})")
@@ -429,8 +437,8 @@ def discovery_base(config: ExperimentConfig, runs_dir: str | Path, variant: str)
     env = config.env.make()
 
     def make_base(key):
-        return Transformer(config.model, env.observation_space.shape[0], env.action_space.n,
-                           grid_shape=getattr(env, "grid_shape", None), rngs=nnx.Rngs(params=key))
+        return make_model(config.model, env.observation_space, env.action_space,
+                          grid_shape=getattr(env, "grid_shape", None), rngs=nnx.Rngs(params=key))
 
     return None, make_base
 
@@ -447,50 +455,52 @@ DISCOVERY_ANALYSIS = "analysis.npz"  # held-out beta, NLL and KL per alpha and s
 
 
 def run_discovery(config: ExperimentConfig, runs_dir: str | Path, overwrite: bool = False,
-                  variant: str = "frozen") -> RunDir:
-    """The metacontroller's alpha sweep on D* (frozen base, beta = 1, or co-trained from scratch).
-    The summary adds per alpha the held-out rate-distortion point and switching statistics; the
-    run directory keeps the held-out arrays in analysis.npz."""
+                  variant: str = "frozen", seeds: Sequence[int] | None = None) -> list[RunDir]:
+    """The metacontroller's alpha sweep on D* (frozen base, beta = 1, or co-trained from scratch),
+    for `seeds` (default: `run.seed`) in one vmapped program. The summary adds per alpha the
+    held-out rate-distortion point and switching statistics; the run directory keeps the held-out
+    arrays in analysis.npz."""
     stage = DISCOVERY_STAGES[variant]
-    run = stage_run_dir(config, runs_dir, stage, overwrite)
-    if run.is_complete:
-        print(f"{stage}: complete, skipped ({run.path})")
-        return run
     env = config.env.make()
     cfg = config.discovery
     layer = cfg.controlled_layer(config.model.num_layers)
-    frozen_base, make_base = discovery_base(config, runs_dir, variant)
-    dataset = expert.load_dataset(run_collect(config, runs_dir).path / EXPERT_DATA_CLEAN)
-    train, heldout = probe.split_episodes(dataset, cfg.heldout_fraction)
-    if cfg.data == "online":
-        episodes = discovery.online_episodes(env, env.pretrain_params(), make_expert(env, 0.0), cfg.batch_size)
-    else:
-        episodes = discovery.dataset_episodes(train, cfg.batch_size)
-    mesh = build_mesh(config.mesh)
-    result = run_training(
-        run,
-        discovery.init(stage_key(config, stage), cfg, config.metacontroller, variant, make_base),
-        discovery.make_train_chunk(cfg, config.metacontroller, frozen_base, layer, episodes, mesh),
-        cfg.num_chunks,
-        steps_per_chunk=cfg.updates_per_chunk,
-        loop=config.loop,
-        evaluate=discovery.make_evaluate(cfg, frozen_base, layer, heldout),
-        description=stage,
-        mesh=mesh,
-    )
-    arrays = jax.device_get(discovery.make_analyse(frozen_base, layer, heldout)(result.state))
-    heldout = discovery.crop_to_longest_episode(heldout)  # as the arrays are
-    np.savez_compressed(run.path / DISCOVERY_ANALYSIS, alphas=np.asarray(cfg.alphas), subgoals=heldout.subgoals,
-                        mask=heldout.mask, **arrays)
-    metrics = result.summary["metrics"]
-    by_alpha = {f"{alpha:g}": {name.split("/")[1]: value for name, value in metrics.items()
-                               if name.startswith("eval/") and name.endswith("/" + discovery.alpha_name(alpha))}
-                for alpha in cfg.alphas}
-    run.mark_complete({**result.summary, "controlled_layer": layer, "heldout_by_alpha": by_alpha})
-    print(f"{stage}: done ({run.path}): held-out switch F1 (share of beta in (0.1, 0.9)) by alpha "
-          + ", ".join(f"{alpha}: {values['f1']:.3f} ({values['intermediate_beta_share']:.3f})"
-                      for alpha, values in by_alpha.items()))
-    return run
+    online = discovery.online_episodes(env, env.pretrain_params(), make_expert(env, 0.0), cfg.batch_size)
+    splits = {seed: probe.split_episodes(expert.load_dataset(run_collect(with_seed(config, seed), runs_dir).path
+                                                             / EXPERT_DATA_CLEAN), cfg.heldout_fraction)
+              for seed in (seeds if seeds is not None else [config.run.seed])}
+    # Every seed's episodes cut after the longest of them all: their arrays stack, and the steps
+    # after it are padding in every episode (D*'s episodes average about a third of the horizon).
+    lengths = [max(int(np.max(split[part].lengths)) for split in splits.values()) for part in (0, 1)]
+
+    def parts(seeded: ExperimentConfig) -> SeedParts:
+        frozen_base, make_base = discovery_base(seeded, runs_dir, variant)
+        train, heldout = (discovery.crop_episodes(part, length) for part, length in zip(splits[seeded.run.seed], lengths))
+        state = discovery.init(stage_key(seeded, stage), cfg, config.metacontroller, variant, make_base)
+        return SeedParts(state, (frozen_base, train, heldout), None)
+
+    def make_chunk(frozen, mesh):
+        frozen_base, train, _ = frozen
+        episodes = online if cfg.data == "online" else discovery.dataset_episodes(train, cfg.batch_size)
+        return discovery.make_train_chunk(cfg, config.metacontroller, frozen_base, layer, episodes, mesh)
+
+    def finish(run: RunDir, result: TrainResult, frozen) -> None:
+        frozen_base, _, heldout = frozen
+        arrays = jax.device_get(discovery.make_analyse(frozen_base, layer, heldout)(result.state))
+        np.savez_compressed(run.path / DISCOVERY_ANALYSIS, alphas=np.asarray(cfg.alphas), subgoals=heldout.subgoals,
+                            mask=heldout.mask, **arrays)
+        metrics = result.summary["metrics"]
+        by_alpha = {f"{alpha:g}": {name.split("/")[1]: value for name, value in metrics.items()
+                                   if name.startswith("eval/") and name.endswith("/" + discovery.alpha_name(alpha))}
+                    for alpha in cfg.alphas}
+        run.mark_complete({**result.summary, "controlled_layer": layer, "heldout_by_alpha": by_alpha})
+        print(f"{stage}: done ({run.path}): held-out switch F1 (share of beta in (0.1, 0.9)) by alpha "
+              + ", ".join(f"{alpha}: {values['f1']:.3f} ({values['intermediate_beta_share']:.3f})"
+                          for alpha, values in by_alpha.items()))
+
+    return train_seeds(
+        config, runs_dir, stage, seeds, overwrite, parts, make_chunk=make_chunk,
+        make_evaluate=lambda frozen, _: discovery.make_evaluate(cfg, frozen[0], layer, frozen[2]),
+        num_chunks=cfg.num_chunks, steps_per_chunk=cfg.updates_per_chunk, finish=finish)
 
 
 def run_crl(config: ExperimentConfig, runs_dir: str | Path, overwrite: bool = False, stage: str = "crl") -> RunDir:
@@ -509,15 +519,17 @@ def run_crl(config: ExperimentConfig, runs_dir: str | Path, overwrite: bool = Fa
     env_params = env.default_params
     init_key, eval_key = jax.random.split(stage_key(config, "crl"))
     cfg = config.crl
+    mesh = build_mesh(config.mesh)
     result = run_training(
         run,
         crl.init(init_key, cfg, env, env_params),
-        crl.make_train_chunk(cfg, env, env_params),
+        crl.make_train_chunk(cfg, env, env_params, mesh),
         cfg.num_chunks,
         steps_per_chunk=cfg.updates_per_chunk,
         loop=config.loop,
         evaluate=crl.make_evaluate(cfg, env, env_params, eval_key),
         description=stage,
+        mesh=mesh,
     )
     metrics = result.summary["metrics"]
     run.mark_complete({**result.summary, "env": env.name, "episodes": metrics["episodes"],
@@ -534,7 +546,7 @@ def load_metacontroller(config: ExperimentConfig, runs_dir: str | Path, variant:
     discovery stage runs first if it is not complete). Co-trained: the base trained with it."""
     from hrl.infra.checkpoint import Checkpointer
 
-    run = run_discovery(config, runs_dir, variant=variant)
+    (run,) = run_discovery(config, runs_dir, variant=variant)
     frozen_base, make_base = discovery_base(config, runs_dir, variant)
     stage = DISCOVERY_STAGES[variant]
     like = jax.eval_shape(lambda: discovery.init(stage_key(config, stage), config.discovery, config.metacontroller,
@@ -550,61 +562,120 @@ def load_metacontroller(config: ExperimentConfig, runs_dir: str | Path, variant:
 
 
 def run_internal_rl(config: ExperimentConfig, runs_dir: str | Path, overwrite: bool = False,
-                    variant: str = "frozen") -> RunDir:
+                    variant: str = "frozen", seeds: Sequence[int] | None = None) -> list[RunDir]:
     """RL over z on the post-training task with a discovery variant's frozen metacontroller (the
-    method, or the beta = 1 and co-trained ablations). metrics.jsonl holds `episodes` next to the
-    training batches' `success_rate`: the success-vs-episodes curve of the paper's Fig. 8."""
-    stage = INTERNAL_RL_STAGES[variant]
-    run = stage_run_dir(config, runs_dir, stage, overwrite)
-    if run.is_complete:
-        print(f"{stage}: complete, skipped ({run.path})")
-        return run
-    base, metacontroller = load_metacontroller(config, runs_dir, variant)
-    env = config.env.make()
+    method, or the beta = 1 and co-trained ablations), for `seeds` (default: `run.seed`) in one
+    vmapped program. metrics.jsonl holds `episodes` next to the training batches' `success_rate`:
+    the success-vs-episodes curve of the paper's Fig. 8."""
     cfg = config.internal_rl
-    abstract_env = internal_rl.AbstractActionEnv(env, env.posttrain_params(), base, metacontroller,
-                                                 config.discovery.controlled_layer(base.num_layers), cfg.switch_threshold)
-    init_key, eval_key = jax.random.split(stage_key(config, stage))
-    mesh = build_mesh(config.mesh)
-    result = run_training(
-        run,
-        internal_rl.init(init_key, cfg, abstract_env),
-        internal_rl.make_train_chunk(cfg, abstract_env, mesh),
-        cfg.num_chunks,
-        steps_per_chunk=cfg.updates_per_chunk,
-        loop=config.loop,
-        evaluate=internal_rl.make_evaluate(cfg, abstract_env, eval_key),
-        description=stage,
-        mesh=mesh,
-    )
-    finish_rl_stage(run, stage, result)
-    return run
-
-
-def run_grpo(config: ExperimentConfig, runs_dir: str | Path, overwrite: bool = False) -> RunDir:
-    """Raw-action RL fine-tuning the pretrained base model on the post-training task."""
-    run = stage_run_dir(config, runs_dir, "grpo", overwrite)
-    if run.is_complete:
-        print(f"grpo: complete, skipped ({run.path})")
-        return run
-    base = load_base_model(config, runs_dir).module()
+    stage = INTERNAL_RL_STAGES[variant]
     env = config.env.make()
+    layer = config.discovery.controlled_layer(config.model.num_layers)
+
+    def abstract_env(base, metacontroller):
+        return internal_rl.AbstractActionEnv(env, env.posttrain_params(), base, metacontroller, layer,
+                                             cfg.switch_threshold)
+
+    def parts(seeded: ExperimentConfig) -> SeedParts:
+        base, metacontroller = load_metacontroller(seeded, runs_dir, variant)
+        init_key, eval_key = jax.random.split(stage_key(seeded, stage))
+        return SeedParts(internal_rl.init(init_key, cfg, abstract_env(base, metacontroller)), (base, metacontroller),
+                         eval_key)
+
+    return train_seeds(
+        config, runs_dir, stage, seeds, overwrite, parts,
+        make_chunk=lambda frozen, mesh: internal_rl.make_train_chunk(cfg, abstract_env(*frozen), mesh),
+        make_evaluate=lambda frozen, key: internal_rl.make_evaluate(cfg, abstract_env(*frozen), key),
+        num_chunks=cfg.num_chunks, steps_per_chunk=cfg.updates_per_chunk,
+        finish=lambda run, result, _: finish_rl_stage(run, stage, result))
+
+
+def run_grpo(config: ExperimentConfig, runs_dir: str | Path, overwrite: bool = False,
+             seeds: Sequence[int] | None = None) -> list[RunDir]:
+    """Raw-action RL fine-tuning the pretrained base model on the post-training task, for `seeds`
+    (default: `run.seed`) in one vmapped program."""
     cfg = config.grpo
-    init_key, eval_key = jax.random.split(stage_key(config, "grpo"))
+    env = config.env.make()
+
+    def parts(seeded: ExperimentConfig) -> SeedParts:
+        base = load_base_model(seeded, runs_dir).module()
+        init_key, eval_key = jax.random.split(stage_key(seeded, "grpo"))
+        return SeedParts(grpo.init(init_key, cfg, base), (base,), eval_key)
+
+    return train_seeds(
+        config, runs_dir, "grpo", seeds, overwrite, parts,
+        make_chunk=lambda frozen, mesh: grpo.make_train_chunk(cfg, frozen[0], env, env.posttrain_params(), mesh),
+        make_evaluate=lambda frozen, key: grpo.make_evaluate(cfg, env, env.posttrain_params(), key),
+        num_chunks=cfg.num_chunks, steps_per_chunk=cfg.updates_per_chunk,
+        finish=lambda run, result, _: finish_rl_stage(run, "grpo", result))
+
+
+@dataclasses.dataclass
+class SeedParts:
+    """What one seed of a stage trains from: its initial train state, what its chunk uses and does
+    not train (the pretrained base, a metacontroller, datasets) and its evaluation key."""
+
+    initial_state: TrainState
+    frozen: Any  # a pytree (nnx modules are pytrees), the same structure for every seed
+    eval_key: jax.Array
+
+
+def train_seeds(config: ExperimentConfig, runs_dir: str | Path, stage: str, seeds: Sequence[int] | None,
+                overwrite: bool, parts: Callable[[ExperimentConfig], SeedParts], *, make_chunk: Callable,
+                make_evaluate: Callable, num_chunks: int, steps_per_chunk: int,
+                finish: Callable[[RunDir, TrainResult, Any], None]) -> list[RunDir]:
+    """Train `stage` for every seed whose run is not complete, each into its own run directory.
+
+    One seed trains as it always has, from `make_chunk(frozen, mesh)` and `make_evaluate(frozen,
+    eval_key)` of its parts. Several are one vmapped program (`hrl.infra.loop.vmap_seeds`): the
+    seeds' frozen modules and keys are stacked along a leading axis, so seed k still acts with its
+    own upstream (its base model, its metacontroller) and its numbers match a run of its own up to
+    float rounding. On a 2-core CPU the small models are overhead-bound, so seeds come almost free.
+    """
+    seeded = [with_seed(config, seed) for seed in (seeds if seeds is not None else [config.run.seed])]
+    runs = [stage_run_dir(seed_config, runs_dir, stage, overwrite) for seed_config in seeded]
+    for run in runs:
+        if run.is_complete:
+            print(f"{stage}: complete, skipped ({run.path})")
+    pending = [(seed_config, run) for seed_config, run in zip(seeded, runs) if not run.is_complete]
+    if not pending:
+        return runs
     mesh = build_mesh(config.mesh)
-    result = run_training(
-        run,
-        grpo.init(init_key, cfg, base),
-        grpo.make_train_chunk(cfg, base, env, env.posttrain_params(), mesh),
-        cfg.num_chunks,
-        steps_per_chunk=cfg.updates_per_chunk,
-        loop=config.loop,
-        evaluate=grpo.make_evaluate(cfg, env, env.posttrain_params(), eval_key),
-        description="grpo",
-        mesh=mesh,
-    )
-    finish_rl_stage(run, "grpo", result)
-    return run
+    check(len(pending) == 1 or mesh is None, "mesh.devices", "must be 1 when several seeds train together",
+          config.mesh.devices)
+    seed_parts = [parts(seed_config) for seed_config, _ in pending]
+    loop_args = dict(steps_per_chunk=steps_per_chunk, loop=config.loop, description=stage, mesh=mesh)
+    if len(pending) == 1:
+        (part,), ((_, run),) = seed_parts, pending
+        results = [run_training(run, part.initial_state, make_chunk(part.frozen, mesh), num_chunks,
+                                evaluate=make_evaluate(part.frozen, part.eval_key), **loop_args)]
+    else:
+        constants = stack_seeds([(part.frozen, part.eval_key) for part in seed_parts])  # nnx modules are pytrees
+        results = run_training_seeds(
+            [run for _, run in pending], stack_seeds([part.initial_state for part in seed_parts]),
+            vmap_seeds(lambda seed: make_chunk(seed[0], None), constants), num_chunks,
+            evaluate=vmap_seeds(lambda seed: make_evaluate(*seed), constants), **loop_args)
+    for (_, run), result, part in zip(pending, results, seed_parts):
+        finish(run, result, part.frozen)
+    return runs
+
+
+def with_seed(config: ExperimentConfig, seed: int) -> ExperimentConfig:
+    return dataclasses.replace(config, run=dataclasses.replace(config.run, seed=seed))
+
+
+def run_stage(stage: Callable, config: ExperimentConfig, runs_dir: str | Path, seeds: Sequence[int]) -> None:
+    """A pipeline stage for every seed: one vmapped program where the stage takes `seeds`."""
+    if "seeds" in inspect.signature(stage).parameters:
+        stage(config, runs_dir, seeds=seeds)
+    else:
+        for seed in seeds:
+            stage(with_seed(config, seed), runs_dir)
+
+
+def stack_seeds(trees: list[Any]) -> Any:
+    """The trees stacked along a new leading (seed) axis."""
+    return jax.tree.map(lambda *leaves: jax.numpy.stack(leaves), *trees)
 
 
 def finish_rl_stage(run: RunDir, stage: str, result) -> None:

@@ -15,6 +15,7 @@ from hrl.algos import controllers
 from hrl.analysis.figures import write_figures
 from hrl.infra.rundir import RunDir
 from hrl.models import rollout
+from hrl.models.heads import Categorical
 from hrl.models.transformer import Output
 from conftest import host_copy
 
@@ -67,7 +68,7 @@ def test_fresh_controllers_are_bitwise_the_base_model(clean_data, base, rank):
     obs, subgoals = clean_data.obs[:4], clean_data.subgoals[:4]
     unsteered = base(obs)
     for logits in controllers.steered_action_logits(base, fresh, (0, 1), unsteered.residuals, subgoals):
-        np.testing.assert_array_equal(logits, unsteered.action_logits)
+        np.testing.assert_array_equal(logits, unsteered.action_params)
 
 
 def test_fresh_controllers_give_the_base_models_closed_loop_episodes(base):
@@ -100,12 +101,14 @@ class ScheduledSubgoalEnv:
 
 
 class ActsOnRaisedEntry:
+    action_dist = Categorical(4)
+
     def init_cache(self):
         return {}
 
     def step(self, cache, obs, intervention, layer):
         e = intervention(jnp.ones((1, 4)))
-        return Output(action_logits=100.0 * e[0], obs_logits=obs), cache, e[0]
+        return Output(action_params=100.0 * e[0], obs_params=obs), cache, e[0]
 
 
 def test_the_steered_episode_applies_the_controller_of_the_current_subgoal():

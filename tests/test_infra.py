@@ -18,7 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from hrl.infra.checkpoint import Checkpointer
 from hrl.infra.config import ConfigError
-from hrl.infra.loop import LoopConfig, NonFiniteMetricError, run_training
+from hrl.infra.loop import LoopConfig, NonFiniteMetricError, run_training, run_training_seeds, vmap_seeds
 from hrl.infra.metrics import read_metrics
 from hrl.infra.rundir import ConfigMismatchError, RunDir
 
@@ -108,6 +108,18 @@ def test_rundir_resumes_same_config_and_refuses_a_different_one(tmp_path):
     assert RunDir(path).is_complete and RunDir(path).summary() == {"loss": 0.5}
     fresh = RunDir.open(path, {"bc": {"learning_rate": 0.01, "hidden": [8, 8]}}, overwrite=True)
     assert not fresh.is_complete and fresh.saved_config() == {"bc": {"learning_rate": 0.01, "hidden": [8, 8]}}
+
+
+def test_a_key_added_to_the_schema_since_reads_as_its_default(tmp_path):
+    from hrl.infra.loop import LoopConfig as Section  # any config dataclass with defaults
+
+    path = tmp_path / "run"
+    RunDir.open(path, {"loop": Section()})
+    saved = (path / "config.yaml").read_text()
+    (path / "config.yaml").write_text("\n".join(line for line in saved.splitlines() if "eval_every" not in line))
+    RunDir.open(path, {"loop": Section()})  # eval_every did not exist then: its default now
+    with pytest.raises(ConfigMismatchError, match=r"loop\.eval_every: 10 -> 3"):
+        RunDir.open(path, {"loop": Section(eval_every=3)})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,6 +263,67 @@ def test_non_finite_metric_stops_with_a_clear_message_and_keeps_the_last_good_ch
         train_toy(tmp_path / "run", num_chunks=6, train_chunk=explodes_after_15_updates)
     assert Checkpointer(tmp_path / "run" / "checkpoints").all_steps() == [10]
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [5, 10, 15]
+
+
+# Several seeds in one vmapped program, one run directory each
+
+
+def make_scaled_chunk(scale):
+    """The toy chunk with a per-seed constant (as a frozen model would be): targets times `scale`."""
+    def chunk(state):
+        def update(state, _):
+            key, batch_key = jax.random.split(state.key)
+            x = jax.random.normal(batch_key, (16, 3))
+            loss, grads = jax.value_and_grad(toy_loss)(state.params, x, scale * (x @ TRUE_WEIGHTS + 0.3))
+            updates, opt_state = OPTIMIZER.update(grads, state.opt_state, state.params)
+            return ToyState(optax.apply_updates(state.params, updates), opt_state, key, state.updates + 1), loss
+
+        state, losses = jax.lax.scan(update, state, length=5)
+        return state, {"loss": losses.mean()}
+    return chunk
+
+
+SCALES = jnp.array([1.0, 3.0])
+
+
+def train_seeds(tmp_path, num_chunks, train_chunk=None):
+    runs = [RunDir.open(tmp_path / f"seed_{seed}", {"toy": {"seed": seed}}) for seed in (0, 1)]
+    states = jax.tree.map(lambda *xs: jnp.stack(xs), toy_init(0), toy_init(1))
+    return run_training_seeds(runs, states, train_chunk or vmap_seeds(make_scaled_chunk, SCALES), num_chunks,
+                              steps_per_chunk=5, loop=QUIET, evaluate=jax.vmap(toy_evaluate))
+
+
+def test_vmapped_seeds_log_and_checkpoint_each_seed_like_its_own_run(tmp_path):
+    results = train_seeds(tmp_path / "together", num_chunks=4)
+    for seed, result in enumerate(results):
+        alone_run = RunDir.open(tmp_path / f"alone_{seed}", {"toy": {"seed": seed}})
+        alone = run_training(alone_run, toy_init(seed), jax.jit(make_scaled_chunk(SCALES[seed])), 4,
+                             steps_per_chunk=5, loop=QUIET, evaluate=toy_evaluate)
+        together, single = read_metrics(tmp_path / "together" / f"seed_{seed}"), read_metrics(alone_run.path)
+        assert [r["step"] for r in together] == [r["step"] for r in single] == [5, 10, 15, 20]
+        assert [r["loss"] for r in together] == pytest.approx([r["loss"] for r in single], rel=1e-5)
+        assert together[-1]["eval/weight_error"] == pytest.approx(single[-1]["eval/weight_error"], rel=1e-4, abs=1e-6)
+        with Checkpointer(tmp_path / "together" / f"seed_{seed}" / "checkpoints") as checkpointer:
+            step, restored = checkpointer.restore_latest(toy_init(seed))  # restores as a single-seed state
+        assert step == 20
+        assert_trees_bitwise_equal(restored, result.state)
+        np.testing.assert_allclose(restored.params["w"], alone.state.params["w"], rtol=1e-5, atol=1e-6)
+    assert results[0].summary["metrics"]["loss"] != results[1].summary["metrics"]["loss"]  # the seeds differ
+
+
+def test_vmapped_seeds_resume_from_the_newest_step_every_seed_saved(tmp_path):
+    straight = train_seeds(tmp_path / "straight", num_chunks=6)
+    with pytest.raises(Interrupted):
+        chunk = vmap_seeds(make_scaled_chunk, SCALES)
+        train_seeds(tmp_path / "resumed", 6, lambda states: chunk(states) if int(states.updates[0]) < 25
+                    else (_ for _ in ()).throw(Interrupted()))
+    # Killed between the two seeds' saves at step 20: seed 1 only has step 10.
+    Checkpointer(tmp_path / "resumed" / "seed_1" / "checkpoints").delete_after(10)
+    resumed = train_seeds(tmp_path / "resumed", num_chunks=6)
+    assert [result.summary["resumed_from_step"] for result in resumed] == [10, 10]
+    for seed in (0, 1):
+        assert_trees_bitwise_equal(resumed[seed].state, straight[seed].state)
+        assert [r["step"] for r in read_metrics(tmp_path / "resumed" / f"seed_{seed}")] == [5, 10, 15, 20, 25, 30]
 
 
 def test_loop_config_validation_names_the_field():

@@ -1,6 +1,7 @@
 """The device mesh: a training chunk with its batch split over 2 CPU devices gives the
-single-device losses and parameters (pretraining, discovery, internal RL), the mesh config is
-validated, and 2 processes joined by jax.distributed train a tiny stage leaving one set of logs.
+single-device losses and parameters (pretraining, discovery, internal RL, behaviour cloning, CRL,
+PPO), the mesh config is validated, and 2 processes joined by jax.distributed train a tiny stage
+leaving one set of logs.
 
 The pytest process has already started jax with one device, so every multi-device check runs
 in a fresh Python (this file run as a script) with the device count set before jax starts.
@@ -13,6 +14,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -44,11 +46,11 @@ def run_script(*args: str, devices: int = 2, extra_env: dict | None = None, time
 @pytest.fixture(scope="module")
 def sharded_vs_single():
     """{algorithm: report} from one fresh Python with 2 devices (one jax start for all checks)."""
-    lines = [line for line in run_script("equivalence").splitlines() if line.startswith("{")]
+    lines = [line for line in run_script("equivalence", timeout=480).splitlines() if line.startswith("{")]
     return {report["algorithm"]: report for report in map(json.loads, lines)}
 
 
-@pytest.mark.parametrize("algorithm", ["pretrain", "discovery", "internal_rl"])
+@pytest.mark.parametrize("algorithm", ["pretrain", "discovery", "internal_rl", "bc", "crl", "ppo"])
 def test_a_sharded_chunk_gives_the_single_device_losses_and_parameters(sharded_vs_single, algorithm):
     report = sharded_vs_single[algorithm]
     assert report["devices"] == 2 and report["params_devices"] == 2  # the state is replicated on both
@@ -128,15 +130,20 @@ def _equivalence() -> None:
 
     mesh = build_mesh(MeshConfig(devices=2))
     for algorithm, make in (("pretrain", _pretrain_case), ("discovery", _discovery_case),
-                            ("internal_rl", _internal_rl_case)):
-        state, make_chunk = make()
-        print(json.dumps({"algorithm": algorithm, "devices": jax.device_count(), **_compare(state, make_chunk, mesh)}),
-              flush=True)
+                            ("internal_rl", _internal_rl_case), ("bc", _bc_case), ("crl", _crl_case),
+                            ("ppo", _ppo_case)):
+        start = time.perf_counter()
+        state, make_chunk, *selected = make()
+        report = _compare(state, make_chunk, mesh, *selected)
+        print(json.dumps({"algorithm": algorithm, "devices": jax.device_count(), **report,
+                          "seconds": time.perf_counter() - start}), flush=True)
     print(json.dumps({"algorithm": "indivisible", "error": _indivisible_error(mesh)}), flush=True)
 
 
-def _compare(state, make_chunk, mesh) -> dict:
-    """One chunk without and with the mesh, from the same state."""
+def _compare(state, make_chunk, mesh, trained=lambda state: state.params, compared=lambda state: ()) -> dict:
+    """One chunk without and with the mesh, from the same state. `trained(state)`: the parameters
+    (which must change); `compared(state)`: more of the state that must come out the same (an
+    algorithm's environments and replay buffer)."""
     import jax
     import numpy as np
 
@@ -148,12 +155,14 @@ def _compare(state, make_chunk, mesh) -> dict:
     compiled = lowered.compile()
     sharded_state, sharded_metrics = compiled(sharded_input)
     metrics = [(np.asarray(single_metrics[name]), np.asarray(sharded_metrics[name])) for name in single_metrics]
-    params = zip(jax.tree.leaves(jax.device_get(single_state.params)), jax.tree.leaves(jax.device_get(sharded_state.params)))
-    changed = jax.tree.leaves(jax.tree.map(lambda a, b: not np.array_equal(a, b), state.params, single_state.params))
+    params = zip(jax.tree.leaves(jax.device_get((trained(single_state), compared(single_state)))),
+                 jax.tree.leaves(jax.device_get((trained(sharded_state), compared(sharded_state)))))
+    changed = jax.tree.leaves(jax.tree.map(lambda a, b: not np.array_equal(a, b), trained(state),
+                                           trained(single_state)))
     return {"metrics_close": all(np.allclose(a, b, **TOLERANCE) for a, b in metrics),
             "worst_metric": max(float(np.max(np.abs(a - b))) for a, b in metrics),
             "params_close": all(np.allclose(a, b, **TOLERANCE) for a, b in params),
-            "params_devices": len(jax.tree.leaves(sharded_state.params)[0].sharding.device_set),
+            "params_devices": len(jax.tree.leaves(trained(sharded_state))[0].sharding.device_set),
             "batch_sharded": '{"batch"}' in lowered.as_text(),  # the constraint is in the program
             "all_reduce": "all-reduce" in compiled.as_text(),  # and XLA split the work across devices
             "params_changed": any(changed)}
@@ -245,6 +254,55 @@ def _internal_rl_case():
                                        num_updates=2, learning_rate=1e-2)
     state = internal_rl.init(jax.random.key(0), cfg, abstract_env)
     return state, lambda mesh: internal_rl.make_train_chunk(cfg, abstract_env, mesh)
+
+
+def _bc_case():
+    import types
+
+    import jax
+
+    from hrl.algos import bc
+
+    cfg = bc.BCConfig(hidden_sizes=(16,), learning_rate=1e-2, batch_size=8, num_updates=3, updates_per_chunk=3)
+    dataset = types.SimpleNamespace(**dict(zip(("obs", "actions", "mask"), _random_episodes(jax.random.key(2), 8))))
+    state = bc.init(jax.random.key(0), cfg, 637, 4)
+    return state, lambda mesh: bc.make_train_chunk(cfg, dataset, mesh)
+
+
+def _crl_case():
+    """8 goal-reaching grids, a buffer of 64 steps each: the environments, the buffer and the
+    relabelled batches split over the devices."""
+    import jax
+
+    from envs.grid_goal import GridGoal
+    from hrl.algos import crl
+    from hrl.models.resnet import ResNetConfig
+
+    net = ResNetConfig(depth=4, width=16, layer_norm=False)
+    cfg = crl.CRLConfig(num_envs=8, unroll_length=4, updates_per_iteration=2, batch_size=16, num_iterations=2,
+                        iterations_per_chunk=2, buffer_steps=64, prefill_steps=0, representation_dim=8,
+                        critic_learning_rate=1e-2, actor_learning_rate=1e-2, alpha_learning_rate=1e-2,
+                        sa_encoder=net, goal_encoder=net, actor=net)
+    env = GridGoal(horizon=20)
+    state = jax.jit(lambda key: crl.init(key, cfg, env, env.default_params))(jax.random.key(0))  # faster than eager
+    return (state, lambda mesh: crl.make_train_chunk(cfg, env, env.default_params, mesh),
+            lambda state: (state.learner.critic_params, state.learner.actor_params, state.learner.log_alpha),
+            lambda state: (state.learner, state.collector, state.buffer))
+
+
+def _ppo_case():
+    """PPO on test_ppo's point mass: 8 environments and minibatches of 16 steps split over the devices."""
+    import jax
+
+    from hrl.algos import ppo
+    from test_ppo import PointMass
+
+    cfg = ppo.PPOConfig(num_envs=8, unroll_length=4, num_minibatches=2, update_epochs=2, num_iterations=2,
+                        iterations_per_chunk=2, learning_rate=1e-2, hidden=(16, 16))
+    env = PointMass()
+    state = ppo.init(jax.random.key(0), cfg, env, env.default_params)
+    return (state, lambda mesh: ppo.make_train_chunk(cfg, env, env.default_params, state.graphdef, mesh),
+            lambda state: state.params, lambda state: (state.obs_stats, state.env_states, state.obs))
 
 
 def _indivisible_error(mesh) -> str | None:

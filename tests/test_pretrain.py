@@ -1,4 +1,5 @@
-"""Pretraining the base transformer: the losses fall on a tiny run; evaluation is closed-loop."""
+"""Pretraining the base model: the losses fall on a tiny run, with either backbone on either action
+space; evaluation is closed-loop."""
 
 import dataclasses
 
@@ -7,10 +8,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import envs
+from envs.base import Box
 from envs.experts import make_expert, make_labelled_expert
 from envs.grid_pinpad import GridPinpad
 from hrl.algos import pretrain
-from hrl.data.expert import collect
+from hrl.data.expert import Dataset, collect
+from hrl.experiment import ExperimentConfig, init_pretrain_state
+from hrl.infra.config import ConfigError, load_config
+from hrl.models.backbones import ModelConfig
+from hrl.models.hawk import Hawk
+from hrl.models.heads import DiagGaussian, UnitGaussian
 from hrl.models.transformer import TransformerConfig
 
 ENV = GridPinpad()  # uniform layouts: cheaper to compile than solvable_only, enough here
@@ -140,3 +148,69 @@ def test_padding_after_the_longest_episode_changes_no_loss(dataset):
     cropped = pretrain.losses(model, *(jnp.asarray(x[:, :longest]) for x in (obs, actions, mask)))
     for name in full:
         np.testing.assert_allclose(cropped[name], full[name], rtol=1e-5)
+
+
+# --- either backbone, either action space
+
+ANT_OBSERVATION, ANT_ACTION = Box(-100.0, 100.0, (41,)), Box(-1.0, 1.0, (8,))  # the ant's spaces
+
+
+def ant_shaped_dataset(num_episodes: int = 16, horizon: int = 24) -> Dataset:
+    """Random-walk observations (so the next one is predictable) and actions that are a fixed
+    function of them, of the ant's sizes, with episodes of different lengths."""
+    rng = np.random.default_rng(11)  # numpy: a dataset is host arrays, and eager JAX ops cost compiles
+    obs = np.cumsum(0.3 * rng.standard_normal((num_episodes, horizon, 41)), axis=1).astype(np.float32)
+    actions = np.clip(np.tanh(obs[..., :8]) + 0.1 * rng.standard_normal(obs.shape[:2] + (8,)), -1, 1).astype(np.float32)
+    lengths = rng.integers(horizon // 2, horizon + 1, num_episodes).astype(np.int32)
+    mask = np.arange(horizon) < lengths[:, None]
+    zeros = np.zeros((num_episodes, horizon), np.int32)
+    return Dataset(obs, actions, mask, zeros, zeros[:, 0], lengths, zeros[:, 0] > 0)
+
+
+@pytest.mark.parametrize("backbone, env_name", [("transformer", "grid"), ("hawk", "grid"), ("hawk", "ant")])
+def test_the_same_stage_code_pretrains_either_backbone_on_either_action_space(dataset, backbone, env_name):
+    model_cfg = ModelConfig(backbone=backbone, num_layers=1, width=16, num_heads=2, mlp_width=16, rnn_width=16)
+    if env_name == "grid":
+        data, observation, action, obs_weight = dataset, ENV.observation_space, ENV.action_space, 0.01
+    else:
+        data, observation, action, obs_weight = ant_shaped_dataset(), ANT_OBSERVATION, ANT_ACTION, 10.0  # paper: 10
+    cfg = pretrain.PretrainConfig(learning_rate=1e-2, batch_size=4, num_updates=20, updates_per_chunk=10,
+                                  obs_loss_weight=obs_weight)
+    state = pretrain.init(jax.random.key(1), cfg, model_cfg, observation, action)
+    assert type(state.module()).__name__ == {"transformer": "Transformer", "hawk": "Hawk"}[backbone]
+    train_chunk = pretrain.make_train_chunk(cfg, pretrain.dataset_batches(data, cfg.batch_size, action))
+    history = []
+    for _ in range(cfg.num_chunks):
+        state, metrics = train_chunk(state)
+        history.append(jax.device_get(metrics))
+    fit = "action_accuracy" if env_name == "grid" else "action_mse"  # mean action vs the data's, squared
+    assert set(history[0]) == {"loss", "action_nll", "obs_nll", fit}
+    assert all(np.isfinite(m["loss"]) for m in history)
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert history[-1]["action_nll"] < history[0]["action_nll"]
+    if env_name == "ant":
+        assert history[-1]["action_mse"] < history[0]["action_mse"]
+
+
+def test_the_ant_preset_builds_a_hawk_with_gaussian_heads():
+    config = load_config(ExperimentConfig, "ant/quick")
+    assert config.model.backbone == "hawk" and config.pretrain.obs_loss_weight == 10.0  # paper: lambda = 10
+    env = envs.make(config.env.name, horizon=config.env.horizon)
+    model = jax.eval_shape(lambda: init_pretrain_state(config, env, jax.random.key(0))).module()  # shapes only
+    assert isinstance(model, Hawk) and model.num_layers == config.model.num_layers
+    assert model.action_dist == DiagGaussian(8) and model.obs_dist == UnitGaussian(41)
+    paper = load_config(ExperimentConfig, "ant/paper")
+    assert (paper.model.backbone, paper.model.num_layers, paper.model.width, paper.model.mlp_width) == ("hawk", 8, 256, 512)
+    with pytest.raises(ConfigError, match="pretrain.data"):
+        load_config(ExperimentConfig, "ant/quick", ["pretrain.data=online"])  # no online PPO expert yet
+    with pytest.raises(ConfigError, match="model.backbone"):
+        load_config(ExperimentConfig, "gridworld/quick", ["model.backbone=lstm"])
+
+
+def test_a_model_config_builds_the_same_transformer_as_its_own_config():
+    """The experiment's flat `model` section and the transformer's own config give one model, bitwise."""
+    sizes = dict(num_layers=1, width=16, num_heads=2, mlp_width=32, max_len=100, relpos_init_slope=1.0)
+    flat = pretrain.init(jax.random.key(3), pretrain.PretrainConfig(), ModelConfig(**sizes), ENV.observation_space,
+                         ENV.action_space)
+    own = pretrain.init(jax.random.key(3), pretrain.PretrainConfig(), TransformerConfig(**sizes), 637, 4)
+    assert jax.tree.all(jax.tree.map(np.array_equal, flat.params, own.params))

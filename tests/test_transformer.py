@@ -24,16 +24,16 @@ def obs():
 
 def test_shapes(model, obs):
     out = model(obs)
-    assert out.action_logits.shape == (3, 16, 4)
-    assert out.obs_logits.shape == (3, 16, OBS_DIM)
+    assert out.action_params.shape == (3, 16, 4)
+    assert out.obs_params.shape == (3, 16, OBS_DIM)
     assert out.residuals.shape == (CFG.num_layers + 1, 3, 16, CFG.width)
 
 
 def test_outputs_at_t_do_not_depend_on_the_future(model, obs):
     changed = obs.at[:, 10:].set(1 - obs[:, 10:])
     a, b = model(obs), model(changed)
-    np.testing.assert_array_equal(a.action_logits[:, :10], b.action_logits[:, :10])
-    assert not np.allclose(a.action_logits[:, 10:], b.action_logits[:, 10:])
+    np.testing.assert_array_equal(a.action_params[:, :10], b.action_params[:, :10])
+    assert not np.allclose(a.action_params[:, 10:], b.action_params[:, 10:])
 
 
 def test_cached_decoding_equals_the_full_forward_pass(model, obs):
@@ -41,14 +41,14 @@ def test_cached_decoding_equals_the_full_forward_pass(model, obs):
     full = model(obs, intervention=intervention, layer=2)
     step = jax.jit(jax.vmap(lambda cache, o: model.step(cache, o, intervention, layer=2)))
     cache = model.init_cache((3,))
-    action_logits, obs_logits, residuals = [], [], []
+    action_params, obs_params, residuals = [], [], []
     for t in range(16):
         out, cache, e = step(cache, obs[:, t])
-        action_logits.append(out.action_logits)
-        obs_logits.append(out.obs_logits)
+        action_params.append(out.action_params)
+        obs_params.append(out.obs_params)
         residuals.append(e)
-    np.testing.assert_allclose(jnp.stack(action_logits, 1), full.action_logits, atol=1e-5)
-    np.testing.assert_allclose(jnp.stack(obs_logits, 1), full.obs_logits, atol=1e-5)
+    np.testing.assert_allclose(jnp.stack(action_params, 1), full.action_params, atol=1e-5)
+    np.testing.assert_allclose(jnp.stack(obs_params, 1), full.obs_params, atol=1e-5)
     np.testing.assert_allclose(jnp.stack(residuals, 1), full.residuals[2], atol=1e-5)
     assert int(cache["t"][0]) == 16
 
@@ -58,15 +58,15 @@ def test_zero_intervention_is_bitwise_the_base_model(model, obs):
     zero_controller = jnp.zeros((CFG.width, CFG.width))
     for layer in range(CFG.num_layers + 1):
         steered = model(obs, intervention=lambda e: e + e @ zero_controller, layer=layer)
-        np.testing.assert_array_equal(steered.action_logits, base.action_logits)
-        np.testing.assert_array_equal(steered.obs_logits, base.obs_logits)
+        np.testing.assert_array_equal(steered.action_params, base.action_params)
+        np.testing.assert_array_equal(steered.obs_params, base.obs_params)
 
 
 def test_lower_then_upper_equals_the_full_pass(model, obs):
     full = model(obs)
     e = model.lower(obs, 2)
     np.testing.assert_array_equal(e, full.residuals[2])
-    np.testing.assert_allclose(model.upper(e, 2).action_logits, full.action_logits, atol=1e-6)
+    np.testing.assert_allclose(model.upper(e, 2).action_params, full.action_params, atol=1e-6)
 
 
 def test_relative_position_buckets():
@@ -113,7 +113,7 @@ def test_egocentric_encoder_centres_the_agent():
 def test_egocentric_model_runs_and_needs_a_grid_shape(obs):
     cfg = TransformerConfig(num_layers=1, width=16, num_heads=2, mlp_width=16, max_len=16, encoder="egocentric_grid")
     model = Transformer(cfg, OBS_DIM, 4, grid_shape=(7, 7, 13), rngs=nnx.Rngs(0))
-    assert model(obs).action_logits.shape == (3, 16, 4)
+    assert model(obs).action_params.shape == (3, 16, 4)
     with pytest.raises(ValueError, match="grid shape"):
         Transformer(cfg, OBS_DIM, 4, rngs=nnx.Rngs(0))
 
@@ -134,7 +134,7 @@ def test_sparse_egocentric_embedding_is_the_dense_linear_map():
 def test_packed_segments_give_each_episode_its_own_outputs(model, obs):
     # Two episodes packed into one sequence (5 steps, then 11) vs each run alone.
     segments = jnp.where(jnp.arange(16) < 5, 0, 1)
-    packed = model(obs[0], segments=segments).action_logits
-    np.testing.assert_allclose(packed[:5], model(obs[0, :5]).action_logits, atol=1e-5)
-    np.testing.assert_allclose(packed[5:], model(obs[0, 5:]).action_logits, atol=1e-5)
-    assert not np.allclose(packed[5:], model(obs[0]).action_logits[5:], atol=1e-3)  # unpacked, they differ
+    packed = model(obs[0], segments=segments).action_params
+    np.testing.assert_allclose(packed[:5], model(obs[0, :5]).action_params, atol=1e-5)
+    np.testing.assert_allclose(packed[5:], model(obs[0, 5:]).action_params, atol=1e-5)
+    assert not np.allclose(packed[5:], model(obs[0]).action_params[5:], atol=1e-3)  # unpacked, they differ

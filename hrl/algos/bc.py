@@ -26,6 +26,7 @@ import optax
 from flax import nnx
 
 from hrl.infra.config import check
+from hrl.infra.mesh import Mesh, shard_batch
 from hrl.infra.train_state import TrainState, adamw
 
 
@@ -87,8 +88,10 @@ def valid_steps(dataset: Any) -> tuple[jax.Array, jax.Array]:
     return jnp.asarray(np.asarray(dataset.obs)[mask]), jnp.asarray(np.asarray(dataset.actions)[mask])
 
 
-def make_train_chunk(cfg: BCConfig, dataset: Any) -> Callable[[TrainState], tuple[TrainState, dict[str, jax.Array]]]:
-    """A jitted `train_chunk(state) -> (state, {"loss", "accuracy"})`: `cfg.updates_per_chunk` updates."""
+def make_train_chunk(cfg: BCConfig, dataset: Any, mesh: Mesh | None = None
+                     ) -> Callable[[TrainState], tuple[TrainState, dict[str, jax.Array]]]:
+    """A jitted `train_chunk(state) -> (state, {"loss", "accuracy"})`: `cfg.updates_per_chunk` updates.
+    With a `mesh`, each minibatch is split over its devices (the dataset is on every device)."""
     observations, expert_actions = valid_steps(dataset)
     optimizer = make_optimizer(cfg)
 
@@ -100,8 +103,9 @@ def make_train_chunk(cfg: BCConfig, dataset: Any) -> Callable[[TrainState], tupl
     def update(state: TrainState, _):
         key, batch_key = jax.random.split(state.key)
         batch = jax.random.randint(batch_key, (cfg.batch_size,), 0, observations.shape[0])
+        obs, actions = shard_batch((observations[batch], expert_actions[batch]), mesh)
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, accuracy), grads = grad_fn(state.params, state.graphdef, observations[batch], expert_actions[batch])
+        (loss, accuracy), grads = grad_fn(state.params, state.graphdef, obs, actions)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         return state.replace(params=params, opt_state=opt_state, key=key), (loss, accuracy)

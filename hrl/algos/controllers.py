@@ -123,7 +123,7 @@ def steered_action_logits(base: Transformer, controllers: LinearControllers, lay
                           residuals: jax.Array, subgoals: jax.Array) -> list[jax.Array]:
     """The base model's action logits with set i steering layer layers[i], for every i, given the
     unsteered residuals [L + 1, B, T, width] (the blocks below a controlled layer are unchanged)."""
-    return [base.upper(controllers.steer(index, residuals[layer], subgoals), layer).action_logits
+    return [base.upper(controllers.steer(index, residuals[layer], subgoals), layer).action_params
             for index, layer in enumerate(layers)]
 
 
@@ -162,9 +162,9 @@ def make_train_chunk(cfg: ControllerConfig, base: Transformer, layers: tuple[int
 
     def loss_fn(params, graphdef, residuals, actions, subgoals, mask):
         all_logits = steered_action_logits(base, nnx.merge(graphdef, params), layers, residuals, subgoals)
-        nll = jnp.stack([masked_mean(optax.softmax_cross_entropy_with_integer_labels(logits, actions), mask)
+        nll = jnp.stack([masked_mean(base.action_dist.nll(logits, actions), mask)
                          for logits in all_logits])
-        accuracy = jnp.stack([masked_mean(jnp.argmax(logits, -1) == actions, mask) for logits in all_logits])
+        accuracy = jnp.stack([masked_mean(base.action_dist.fit(logits, actions), mask) for logits in all_logits])
         return jnp.sum(nll), (nll, accuracy)  # the sets share no parameter: each gets its own gradient
 
     def update(state: TrainState, _):
@@ -176,7 +176,7 @@ def make_train_chunk(cfg: ControllerConfig, base: Transformer, layers: tuple[int
                                               batch_subgoals, batch_mask)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        base_nll = masked_mean(optax.softmax_cross_entropy_with_integer_labels(unsteered.action_logits, batch_actions),
+        base_nll = masked_mean(base.action_dist.nll(unsteered.action_params, batch_actions),
                                batch_mask)
         return state.replace(params=params, opt_state=opt_state, key=key), (nll, accuracy, base_nll)
 
@@ -186,7 +186,7 @@ def make_train_chunk(cfg: ControllerConfig, base: Transformer, layers: tuple[int
         metrics = {"base_action_nll": base_nll.mean()}
         for index, layer in enumerate(layers):
             metrics[f"action_nll/layer_{layer}"] = nll[:, index].mean()
-            metrics[f"action_accuracy/layer_{layer}"] = accuracy[:, index].mean()
+            metrics[f"{base.action_dist.fit_metric}/layer_{layer}"] = accuracy[:, index].mean()
         return state, metrics
 
     return train_chunk
@@ -215,7 +215,7 @@ def run_steered_episode(model: Any, env: Env, env_params: Any, key: jax.Array, s
         obs, state, subgoal, cache, done, success, progress, length = carry
         key_act, key_env = jax.random.split(key)
         out, cache, _ = model.step(cache, obs, lambda e: steer(e, subgoal), layer)
-        action = jax.random.categorical(key_act, out.action_logits)
+        action = model.action_dist.sample(out.action_params, key_act)
         obs, new_state, _, terminated, truncated, info = env.step(key_env, state, action, env_params)
         # Freeze the episode's results once it has ended; later steps are discarded.
         state = jax.tree.map(lambda old, new: jnp.where(done, old, new), state, new_state)

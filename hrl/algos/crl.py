@@ -79,6 +79,7 @@ from envs.base import Discrete
 from envs.goals import GoalEnv
 from envs.wrappers import VmapAutoReset
 from hrl.infra.config import check
+from hrl.infra.mesh import Mesh, shard_along, shard_batch
 from hrl.models.resnet import ResidualMLP, ResNetConfig
 
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # the spec's squashing range of the Gaussian actor
@@ -275,6 +276,12 @@ class TrajectoryBuffer:
     def capacity(self) -> int:
         return self.episode.shape[0]
 
+    def shard(self, mesh: Mesh | None) -> "TrajectoryBuffer":
+        """Split over the mesh's devices along the environment axis: each device keeps the whole
+        circular time axis of its own environments (the identity without a mesh)."""
+        stored = shard_along((self.obs, self.actions, self.next_goals, self.episode), mesh, axis=1)
+        return self.replace(**dict(zip(("obs", "actions", "next_goals", "episode"), stored)))
+
 
 def empty_buffer(steps: int, num_envs: int, env: GoalEnv, coding: ActionCoding) -> TrajectoryBuffer:
     obs_space, goal_space = env.observation_space, env.goal_space
@@ -362,9 +369,11 @@ class Collector:
     episode: jax.Array  # [N] episode number of each environment's current episode
 
 
-def make_unroll(env: GoalEnv, env_params: Any, coding: ActionCoding, num_envs: int, length: int):
+def make_unroll(env: GoalEnv, env_params: Any, coding: ActionCoding, num_envs: int, length: int,
+                mesh: Mesh | None = None):
     """`unroll(collector, choose_actions, key) -> (collector, Unroll)`: `length` steps of every
-    environment in `lax.scan`, with `choose_actions(obs, goals, key) -> actions`."""
+    environment in `lax.scan`, with `choose_actions(obs, goals, key) -> actions`. With a `mesh`,
+    the environments are split over its devices."""
     batched = VmapAutoReset(env, num_envs)
     desired_goals = jax.vmap(env.desired_goal, (0, None))
 
@@ -373,13 +382,14 @@ def make_unroll(env: GoalEnv, env_params: Any, coding: ActionCoding, num_envs: i
             action_key, env_key = jax.random.split(step_key)
             actions = choose_actions(collector.obs, desired_goals(collector.env_state, env_params), action_key)
             obs, env_state, _, terminated, truncated, info = batched.step(
-                jax.random.split(env_key, num_envs), collector.env_state, actions, env_params)
+                shard_batch(jax.random.split(env_key, num_envs), mesh), collector.env_state, actions, env_params)
             ended = terminated | truncated
             record = Unroll(collector.obs, actions, env.achieved_goal(info["final_observation"]), collector.episode,
                             ended, info["success"] & ended)
-            return Collector(env_state, obs, collector.episode + ended.astype(jnp.int32)), record
+            return shard_batch(Collector(env_state, obs, collector.episode + ended.astype(jnp.int32)), mesh), record
 
-        return jax.lax.scan(step, collector, jax.random.split(key, length))
+        collector, steps = jax.lax.scan(step, shard_batch(collector, mesh), jax.random.split(key, length))
+        return collector, shard_along(steps, mesh, axis=1)
 
     return unroll
 
@@ -566,24 +576,30 @@ def init(key: jax.Array, cfg: CRLConfig, env: GoalEnv, env_params: Any) -> CRLSt
                     env_steps=jnp.int32(0), episodes=jnp.int32(0), updates=jnp.int32(0))
 
 
-def make_train_chunk(cfg: CRLConfig, env: GoalEnv, env_params: Any) -> Callable[[CRLState], tuple[CRLState, dict]]:
+def make_train_chunk(cfg: CRLConfig, env: GoalEnv, env_params: Any, mesh: Mesh | None = None
+                     ) -> Callable[[CRLState], tuple[CRLState, dict]]:
     """A jitted `train_chunk(state) -> (state, metrics)`: `cfg.iterations_per_chunk` iterations of
-    (unroll every environment, write to the buffer, `updates_per_iteration` updates)."""
+    (unroll every environment, write to the buffer, `updates_per_iteration` updates). With a
+    `mesh`, the environments, the buffer (along its environment axis) and each sampled batch are
+    split over its devices; the networks are on every device."""
     coding = action_coding(env)
-    unroll = make_unroll(env, env_params, coding, cfg.num_envs, cfg.unroll_length)
+    unroll = make_unroll(env, env_params, coding, cfg.num_envs, cfg.unroll_length, mesh)
     update = make_update(cfg, env)
 
     def gradient_step(carry, step_key):
         learner, buffer = carry
         sample_key, update_key = jax.random.split(step_key)
-        batch = sample_transitions(buffer, sample_key, cfg.batch_size, cfg.discount, env.max_steps)
+        # Drawn over all environments, as on one device: XLA gathers each row from the device
+        # holding its environment, so the batch is the single-device batch.
+        batch = shard_batch(sample_transitions(buffer.shard(mesh), sample_key, cfg.batch_size, cfg.discount,
+                                               env.max_steps), mesh)
         learner, metrics = update(learner, batch, update_key)
         return (learner, buffer), metrics
 
     def iteration(state: CRLState, _):
         key, unroll_key, updates_key = jax.random.split(state.key, 3)
         collector, steps = unroll(state.collector, acting_policy(state.learner, coding), unroll_key)
-        buffer = write_unroll(state.buffer, steps)
+        buffer = write_unroll(state.buffer.shard(mesh), steps).shard(mesh)
         (learner, buffer), metrics = jax.lax.scan(
             gradient_step, (state.learner, buffer), jax.random.split(updates_key, cfg.updates_per_iteration))
         ended = jnp.sum(steps.ended)

@@ -142,18 +142,19 @@ def run_learner(learner: Learner, frozen_base: Transformer | None, layer: int, o
     base = learner.base if learner.base is not None else frozen_base
     e = base.lower(obs, layer) if lower is None else lower
     sequence = jax.vmap(learner.metacontroller)(e, mask, noise)
-    logits = base.upper(learner.metacontroller.steer(e, sequence.z), layer).action_logits
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits, actions)
+    logits = base.upper(learner.metacontroller.steer(e, sequence.z), layer).action_params
+    nll = base.action_dist.nll(logits, actions)
     kl = gaussian_kl(sequence.mean, sequence.log_var)
     return {"nll": nll, "kl": kl, "beta": sequence.beta, "action_nll": masked_mean(nll, mask),
             "kl_per_step": masked_mean(kl, mask)}
 
 
-def crop_to_longest_episode(dataset: Any) -> Any:
-    """The dataset with its time axis cut after its longest episode: the rest is padding in every
-    episode (D*'s episodes average about a third of the horizon), and the cost is per step."""
-    longest = int(np.max(dataset.lengths))
-    return dataset.replace(**{name: getattr(dataset, name)[:, :longest]
+def crop_episodes(dataset: Any, length: int | None = None) -> Any:
+    """The dataset with its time axis cut after `length` steps (default: its longest episode). The
+    steps after the longest episode are padding in every episode (D*'s episodes average about a
+    third of the horizon) and cost as much as real ones: crop datasets before handing them over."""
+    length = int(np.max(dataset.lengths)) if length is None else length
+    return dataset.replace(**{name: getattr(dataset, name)[:, :length]
                               for name in ("obs", "actions", "mask", "subgoals")})
 
 
@@ -162,7 +163,6 @@ Episodes = Callable[[jax.Array], tuple[jax.Array, jax.Array, jax.Array]]  # key 
 
 def dataset_episodes(dataset: Any, batch_size: int) -> Episodes:
     """`sample(key)`: `batch_size` episodes of `dataset`, uniformly with replacement."""
-    dataset = crop_to_longest_episode(dataset)
     obs, actions, mask = jnp.asarray(dataset.obs), jnp.asarray(dataset.actions), jnp.asarray(dataset.mask)
 
     def sample(key: jax.Array):
@@ -227,8 +227,7 @@ def make_train_chunk(cfg: DiscoveryConfig, meta_cfg: MetacontrollerConfig, froze
 
 def make_analyse(frozen_base: Transformer | None, layer: int, heldout: Any) -> Callable[[TrainState], dict]:
     """A jitted `analyse(state)` on the held-out episodes, with the proposal means (no noise): per
-    alpha, [alpha, N, T] arrays `beta`, `nll` and `kl` (zero on padding; T: the longest episode)."""
-    heldout = crop_to_longest_episode(heldout)
+    alpha, [alpha, N, T] arrays `beta`, `nll` and `kl` (zero on padding; T: the held-out arrays')."""
     arrays = jnp.asarray(heldout.obs), jnp.asarray(heldout.actions), jnp.asarray(heldout.mask)
 
     @jax.jit
@@ -254,7 +253,6 @@ def make_evaluate(cfg: DiscoveryConfig, frozen_base: Transformer | None, layer: 
     """An `evaluate(state)`: per alpha on the held-out episodes, `heldout_action_nll` and
     `heldout_kl` (nats per step: the rate-distortion point) and the switching statistics."""
     analyse = make_analyse(frozen_base, layer, heldout)
-    heldout = crop_to_longest_episode(heldout)
     subgoals, mask = jnp.asarray(heldout.subgoals), jnp.asarray(heldout.mask)
 
     def evaluate(state: TrainState):

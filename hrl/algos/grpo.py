@@ -89,8 +89,8 @@ def rollout(model: ResidualStreamModel, env: Env, env_params: Any, reset_key: ja
         obs, state, cache, done, success, progress, total = carry
         act_key, env_key = jax.random.split(key)
         out, cache, _ = model.step(cache, obs)
-        action = jax.random.categorical(act_key, out.action_logits)
-        log_prob = jax.nn.log_softmax(out.action_logits)[action]
+        action = model.action_dist.sample(out.action_params, act_key)
+        log_prob = model.action_dist.log_prob(out.action_params, action)
         next_obs, new_state, reward, terminated, truncated, info = env.step(env_key, state, action, env_params)
         # Results freeze when the episode ends; the steps after it are discarded.
         state = jax.tree.map(lambda old, new: jnp.where(done, old, new), state, new_state)
@@ -119,15 +119,14 @@ def policy_loss(cfg: GRPOConfig, graphdef, reference: ResidualStreamModel, param
                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Minus the clipped surrogate over a minibatch's raw actions (plus the KL term if on)."""
     episodes, advantages = batch
-    logits = nnx.merge(graphdef, params)(episodes.obs).action_logits
-    log_probs = jax.nn.log_softmax(logits)
-    log_prob = jnp.take_along_axis(log_probs, episodes.actions[..., None], axis=-1)[..., 0]
+    policy = nnx.merge(graphdef, params)
+    logits = policy(episodes.obs).action_params
+    log_prob = policy.action_dist.log_prob(logits, episodes.actions)
     objective, stats = clipped_surrogate(log_prob, episodes.log_prob, advantages[:, None], episodes.mask,
                                          cfg.clip_epsilon)
     loss = -objective
     if cfg.kl_coef:
-        reference_log_probs = jax.nn.log_softmax(jax.lax.stop_gradient(reference(episodes.obs).action_logits))
-        kl = jnp.sum(jnp.exp(log_probs) * (log_probs - reference_log_probs), axis=-1)
+        kl = policy.action_dist.kl(logits, jax.lax.stop_gradient(reference(episodes.obs).action_params))
         stats["kl_to_reference"] = masked_mean(kl, episodes.mask)
         loss = loss + cfg.kl_coef * stats["kl_to_reference"]
     return loss, stats

@@ -137,7 +137,7 @@ class AbstractActionEnv:
         act_key, env_key = jax.random.split(jax.random.fold_in(state.key, state.t))
         steered = self.metacontroller.steer(state.e, z)
         out, cache = self.base.step_upper(state.cache, steered, self.layer)
-        action = jax.random.categorical(act_key, out.action_logits)
+        action = self.base.action_dist.sample(out.action_params, act_key)
         obs, env_state, reward, terminated, truncated, info = self.env.step(env_key, state.env_state, action,
                                                                             self.env_params)
         history, _ = self.metacontroller.history(state.history, state.e)

@@ -45,6 +45,7 @@ from flax import nnx, struct
 from envs.base import Box, Env
 from envs.wrappers import VmapAutoReset
 from hrl.infra.config import check
+from hrl.infra.mesh import Mesh, shard_along, shard_batch
 
 
 @dataclasses.dataclass
@@ -224,15 +225,16 @@ def make_optimizer(cfg: PPOConfig) -> optax.GradientTransformation:
     return optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), optax.adam(cfg.learning_rate, eps=1e-5))
 
 
-def make_update(cfg: PPOConfig, graphdef) -> Callable:
+def make_update(cfg: PPOConfig, graphdef, mesh: Mesh | None = None) -> Callable:
     """`update(params, opt_state, batch [N, ...], key) -> (params, opt_state, metrics)`: the epochs
-    of minibatch steps of PPO on one flat batch."""
+    of minibatch steps of PPO on one flat batch. With a `mesh`, each minibatch is split over its
+    devices."""
     optimizer = make_optimizer(cfg)
     grad_fn = jax.grad(ppo_loss, has_aux=True)
 
     def minibatch_step(carry, minibatch):
         params, opt_state = carry
-        grads, metrics = grad_fn(params, graphdef, minibatch, cfg)
+        grads, metrics = grad_fn(params, graphdef, shard_batch(minibatch, mesh), cfg)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), metrics
 
@@ -240,8 +242,9 @@ def make_update(cfg: PPOConfig, graphdef) -> Callable:
         params, opt_state, batch = carry
         size = batch.obs.shape[0]
         order = jax.random.permutation(key, size)
-        minibatches = jax.tree.map(
-            lambda x: x[order].reshape((cfg.num_minibatches, size // cfg.num_minibatches) + x.shape[1:]), batch)
+        minibatches = shard_along(jax.tree.map(
+            lambda x: x[order].reshape((cfg.num_minibatches, size // cfg.num_minibatches) + x.shape[1:]), batch),
+            mesh, axis=1)
         (params, opt_state), metrics = jax.lax.scan(minibatch_step, (params, opt_state), minibatches)
         return (params, opt_state, batch), metrics
 
@@ -301,7 +304,9 @@ class Unroll(NamedTuple):
     success: jax.Array
 
 
-def make_unroll(cfg: PPOConfig, env: Env, env_params: Any) -> Callable:
+def make_unroll(cfg: PPOConfig, env: Env, env_params: Any, mesh: Mesh | None = None) -> Callable:
+    """`unroll(state, key) -> (env states, observations, Unroll [T, N, ...])`: `unroll_length`
+    steps of every environment. With a `mesh`, the environments are split over its devices."""
     batched = VmapAutoReset(env, cfg.num_envs)
 
     def unroll(state: PPOState, key):
@@ -314,24 +319,28 @@ def make_unroll(cfg: PPOConfig, env: Env, env_params: Any) -> Callable:
             mean, log_std, value = network(norm_obs)
             action = mean + jnp.exp(log_std) * jax.random.normal(action_key, mean.shape)
             next_obs, env_states, reward, terminated, truncated, info = batched.step(
-                jax.random.split(env_key, cfg.num_envs), env_states, jnp.clip(action, -1.0, 1.0), env_params)
+                shard_batch(jax.random.split(env_key, cfg.num_envs), mesh), env_states, jnp.clip(action, -1.0, 1.0),
+                env_params)
             record = Unroll(norm_obs, obs, action, gaussian_log_prob(action, mean, log_std), value,
                             reward * cfg.reward_scale, terminated.astype(jnp.float32), truncated.astype(jnp.float32),
                             normalize(state.obs_stats, info["final_observation"], cfg.normalize_observations),
                             info["success"])
-            return (env_states, next_obs), record
+            return shard_batch((env_states, next_obs), mesh), record
 
-        (env_states, obs), steps = jax.lax.scan(step, (state.env_states, state.obs),
+        (env_states, obs), steps = jax.lax.scan(step, shard_batch((state.env_states, state.obs), mesh),
                                                 jax.random.split(key, cfg.unroll_length))
-        return env_states, obs, steps
+        return env_states, obs, shard_along(steps, mesh, axis=1)
 
     return unroll
 
 
-def make_train_chunk(cfg: PPOConfig, env: Env, env_params: Any, graphdef) -> Callable[[PPOState], tuple[PPOState, dict]]:
-    """A jitted `train_chunk(state) -> (state, metrics)` of `cfg.iterations_per_chunk` iterations."""
-    unroll = make_unroll(cfg, env, env_params)
-    update = make_update(cfg, graphdef)
+def make_train_chunk(cfg: PPOConfig, env: Env, env_params: Any, graphdef, mesh: Mesh | None = None
+                     ) -> Callable[[PPOState], tuple[PPOState, dict]]:
+    """A jitted `train_chunk(state) -> (state, metrics)` of `cfg.iterations_per_chunk` iterations.
+    With a `mesh`, the environments of the unroll and each minibatch are split over its devices;
+    the networks and the observation statistics are on every device."""
+    unroll = make_unroll(cfg, env, env_params, mesh)
+    update = make_update(cfg, graphdef, mesh)
 
     def iteration(state: PPOState, _):
         key, unroll_key, update_key = jax.random.split(state.key, 3)

@@ -1,10 +1,15 @@
 """Phase 1: pretrain the base autoregressive policy on the expert data D.
 
 Loss per valid step t of an episode: -sum_a q_t(a) log p(a | o_1..o_t) + lambda * -log p(o_{t+1} |
-o_1..o_t), the observation term summed over the observation's bits (the last step of an episode
-has no next observation in the data and only contributes its action term). The action target
-q_t is the action taken in the data (one-hot: the paper's NLL) or, with `labels="expert"`, the
-noise-free expert's distribution at o_t. AdamW. Everything of one update
+o_1..o_t), the observation term summed over the observation's features (the last step of an
+episode has no next observation in the data and only contributes its action term). The action
+target q_t is the action taken in the data (one-hot: the paper's NLL) or, with `labels="expert"`,
+the noise-free expert's distribution at o_t. Both terms go through the model's heads
+(`hrl.models.heads`), so the same code trains either backbone on either space: the grid's
+categorical actions and Bernoulli bits, or the ant's Gaussian actions (target: the action taken)
+and Gaussian next observation. The logged fit of the most likely action to the target is
+`action_accuracy` for discrete actions and `action_mse` (the Gaussian mean's squared error to the
+data's action, averaged over its components) for continuous ones. AdamW. Everything of one update
 is one jitted function; `train_chunk` runs `updates_per_chunk` of them in `lax.scan`, drawing
 each batch with the key carried in the state (so a resumed run repeats the same batches).
 
@@ -61,8 +66,10 @@ from hrl.infra.config import check
 from hrl.infra.mesh import Mesh, shard_batch
 from hrl.infra.objectives import masked_mean
 from hrl.infra.train_state import TrainState, adamw
-from hrl.models import rollout
-from hrl.models.transformer import Transformer, TransformerConfig
+from hrl.models import heads, rollout
+from hrl.models.backbones import ModelConfig, make_model
+from hrl.models.hawk import HawkConfig
+from hrl.models.transformer import ResidualStreamModel, TransformerConfig
 
 
 DATA_SOURCES = ("dataset", "online")
@@ -71,7 +78,7 @@ LABELS = ("taken", "expert")
 
 class Batch(NamedTuple):
     obs: jax.Array  # [B, T, obs_dim]
-    targets: jax.Array  # [B, T, A] action targets: one-hot, or the expert's distribution
+    targets: jax.Array  # [B, T, ...] action targets (`heads`): one-hot or the expert's distribution, or actions
     mask: jax.Array  # [B, T] the steps that happened
     segments: jax.Array | None = None  # [B, T] episode of each step where episodes are packed
 
@@ -120,42 +127,47 @@ def make_optimizer(cfg: PretrainConfig) -> optax.GradientTransformation:
 def init(
     key: jax.Array,
     cfg: PretrainConfig,
-    model_cfg: TransformerConfig,
-    obs_dim: int,
-    num_actions: int,
+    model_cfg: ModelConfig | TransformerConfig | HawkConfig,
+    observation: heads.ObservationSpec,
+    action: heads.ActionSpec,
     grid_shape: tuple[int, int, int] | None = None,
 ) -> TrainState:
+    """A fresh base model (the backbone `model_cfg` names, heads for the `observation` and
+    `action` spaces: see `hrl.models.backbones.make_model`) and its optimiser."""
     model_key, train_key = jax.random.split(key)
-    model = Transformer(model_cfg, obs_dim, num_actions, grid_shape=grid_shape, rngs=nnx.Rngs(params=model_key))
+    model = make_model(model_cfg, observation, action, grid_shape=grid_shape, rngs=nnx.Rngs(params=model_key))
     return TrainState.create(model, make_optimizer(cfg), train_key)
 
 
 
 def losses(
-    model: Transformer,
+    model: ResidualStreamModel,
     obs: jax.Array,
     targets: jax.Array,
     mask: jax.Array,
     segments: jax.Array | None = None,
     observation_loss: bool = True,
 ) -> dict[str, jax.Array]:
-    """Per-step losses of a batch (see `Batch`). Accuracy: the model's most likely action is one
-    the target allows (with one-hot targets: equals the taken action). Without
-    `observation_loss` the observation head is not evaluated at all (lambda = 0 costs nothing)."""
+    """Per-step losses of a batch (see `Batch`), and the fit of the model's most likely action to
+    the target (`action_accuracy`: it is one the target allows, with one-hot targets the taken
+    action; or `action_mse`: see `heads`). Without `observation_loss` the observation head is not
+    evaluated at all (lambda = 0 costs nothing)."""
     out = model(obs, segments=segments)
-    action_nll = optax.softmax_cross_entropy(out.action_logits, targets)
-    correct = jnp.take_along_axis(targets, jnp.argmax(out.action_logits, -1)[..., None], -1)[..., 0] > 0
-    terms = {"action_nll": masked_mean(action_nll, mask), "action_accuracy": masked_mean(correct, mask)}
+    action_dist = model.action_dist
+    action_nll = action_dist.target_nll(out.action_params, targets)
+    fit = action_dist.target_fit(out.action_params, targets)
+    terms = {"action_nll": masked_mean(action_nll, mask), action_dist.fit_metric: masked_mean(fit, mask)}
     if observation_loss:
-        next_obs = obs[:, 1:].astype(jnp.float32)
-        obs_nll = optax.sigmoid_binary_cross_entropy(out.obs_logits[:, :-1], next_obs).sum(-1)
+        obs_nll = model.obs_dist.nll(out.obs_params[:, :-1], obs[:, 1:])
         has_next = mask[:, 1:] if segments is None else mask[:, 1:] & (segments[:, 1:] == segments[:, :-1])
         terms["obs_nll"] = masked_mean(obs_nll, has_next)
     return terms
 
 
-def dataset_batches(dataset: Any, batch_size: int, num_actions: int) -> Callable[[jax.Array], Batch]:
-    """`sample(key)`: `batch_size` episodes of `dataset` drawn uniformly with replacement."""
+def dataset_batches(dataset: Any, batch_size: int, action: heads.ActionSpec) -> Callable[[jax.Array], Batch]:
+    """`sample(key)`: `batch_size` episodes of `dataset` drawn uniformly with replacement, their
+    actions made targets for the head of the `action` space (an int: that many discrete actions)."""
+    action_dist = heads.for_actions(action)
     # Steps after the longest episode are padding in every episode: dropping them changes no loss
     # (attention is causal, padded steps are masked) and saves compute, attention's above all.
     longest = int(np.max(dataset.lengths))
@@ -163,7 +175,7 @@ def dataset_batches(dataset: Any, batch_size: int, num_actions: int) -> Callable
 
     def sample(key: jax.Array) -> Batch:
         episodes = jax.random.randint(key, (batch_size,), 0, obs.shape[0])
-        return Batch(obs[episodes], jax.nn.one_hot(actions[episodes], num_actions), mask[episodes])
+        return Batch(obs[episodes], action_dist.targets(actions[episodes]), mask[episodes])
 
     return sample
 
@@ -181,12 +193,13 @@ def online_batches(env: Any, env_params: Any, expert: Callable, batch_size: int)
     return sample
 
 
-def taken_action_targets(expert_policy: Callable, num_actions: int) -> Callable:
-    """An expert whose target is the action it takes (one-hot): the paper's NLL."""
+def taken_action_targets(expert_policy: Callable, action_space: heads.ActionSpec) -> Callable:
+    """An expert whose target is the action it takes (one-hot for discrete actions): the paper's NLL."""
+    action_dist = heads.for_actions(action_space)
 
     def expert(key, state, params):
         action = expert_policy(key, state, params)
-        return action, jax.nn.one_hot(action, num_actions)
+        return action, action_dist.targets(action)
 
     return expert
 

@@ -51,10 +51,17 @@ class Checkpointer:
         initialised one) or an abstract one from `jax.eval_shape`.
         """
         step = self._manager.latest_step()
-        if step is None:
-            return None
+        return None if step is None else (step, self.restore(step, like_state))
+
+    def restore(self, step: int, like_state: Any) -> Any:
+        """The state saved as checkpoint `step` (structure from `like_state`, as in `restore_latest`)."""
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like_state)
-        return step, self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+    def delete_after(self, step: int) -> None:
+        """Drop every checkpoint newer than `step` (a multi-seed run resumes from a step all seeds have)."""
+        for newer in [s for s in self.all_steps() if s > step]:
+            self._manager.delete(newer)
 
     def close(self) -> None:
         self._manager.close()

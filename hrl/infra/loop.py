@@ -13,13 +13,15 @@ from S drops whatever was logged after S (see `hrl.infra.metrics`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import sys
 import time
+import types
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 from jax.sharding import Mesh
@@ -81,40 +83,139 @@ def run_training(
     On several processes every process runs this loop (checkpoints are collective); only process
     0 writes metrics and shows progress.
     """
+    (result,) = _run([run], _ONE_RUN, initial_state, train_chunk, num_chunks, steps_per_chunk, loop, evaluate,
+                     description, mesh)
+    return result
+
+
+def run_training_seeds(
+    runs: Sequence[RunDir],
+    initial_states: State,
+    train_chunk: Callable[[State], tuple[State, Metrics]],
+    num_chunks: int,
+    *,
+    steps_per_chunk: int = 1,
+    loop: LoopConfig = LoopConfig(),
+    evaluate: Callable[[State], Metrics] | None = None,
+    description: str = "train",
+    mesh: Mesh | None = None,
+) -> list[TrainResult]:
+    """`run_training` for several seeds trained by one vmapped program (see `vmap_seeds`).
+
+    Seed k is index k of the leading axis of the state, of every metric and of every evaluation
+    value; it logs and checkpoints into `runs[k]` exactly as a run of its own would, so each run
+    directory reads (and its checkpoint restores) like a single-seed run's. Resumes from the newest
+    step that every run has checkpointed (a kill between two seeds' saves loses at most one save).
+    """
+    check(len(runs) >= 1, "runs", "must name at least one run directory", len(runs))
+    return _run(list(runs), _SEED_AXIS, initial_states, train_chunk, num_chunks, steps_per_chunk, loop, evaluate,
+                description, mesh)
+
+
+def vmap_seeds(make_fn: Callable[[Any], Callable], constants: Any) -> Callable[[State], Any]:
+    """A jitted `fn(states)` running one seed per leading index of the state: a chunk, an evaluation.
+
+    `make_fn(seed_constants)` builds one seed's function from that seed's slice of `constants`
+    (frozen models, datasets, keys: arrays stacked on a leading seed axis). The constants enter the
+    program as arguments, not closed-over values, which XLA would fold into the compiled program.
+    """
+    @jax.jit
+    def batched(states: State, constants: Any):
+        return jax.vmap(lambda state, seed_constants: make_fn(seed_constants)(state))(states, constants)
+
+    return _WithConstants(batched, constants)
+
+
+class _WithConstants:
+    """`fn(state, constants)` called as `fn(state)`, ahead-of-time compilable like a jitted function."""
+
+    def __init__(self, fn: Callable, constants: Any):
+        self.fn, self.constants = fn, constants
+
+    def __call__(self, state: State) -> Any:
+        return self.fn(state, self.constants)
+
+    def lower(self, state: State) -> types.SimpleNamespace:
+        lowered = self.fn.lower(state, self.constants)
+        return types.SimpleNamespace(compile=lambda: _WithConstants(lowered.compile(), self.constants))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """How the runs of one program share its state: one run, or one per index of a seed axis."""
+
+    split: Callable[[Any, int], list[Any]]  # (tree, number of runs) -> one tree per run
+    stack: Callable[[list[Any]], Any]  # the inverse
+
+
+_ONE_RUN = _Layout(split=lambda tree, _: [tree], stack=lambda trees: trees[0])
+_SEED_AXIS = _Layout(split=lambda tree, n: [jax.tree.map(lambda x: x[k], tree) for k in range(n)],
+                     stack=lambda trees: jax.tree.map(lambda *xs: jax.numpy.stack(xs), *trees))
+
+
+def _run(runs: list[RunDir], layout: _Layout, initial_state: State, train_chunk: Callable, num_chunks: int,
+         steps_per_chunk: int, loop: LoopConfig, evaluate: Callable | None, description: str,
+         mesh: Mesh | None) -> list[TrainResult]:
     final_step = num_chunks * steps_per_chunk
     initial_state = replicate(initial_state, mesh)  # before the restore: restored arrays take its sharding
     train_chunk = _replicated_in_and_out(train_chunk, mesh)
-    with Checkpointer(run.checkpoint_dir, keep_last=loop.keep_checkpoints) as checkpointer:
-        restored = checkpointer.restore_latest(initial_state)
-        start_step, state = restored if restored is not None else (0, initial_state)
-        summary = {"step": final_step, "resumed_from_step": start_step, "compile_s": 0.0, "run_s": 0.0}
+    with contextlib.ExitStack() as stack:
+        checkpointers = [stack.enter_context(Checkpointer(run.checkpoint_dir, keep_last=loop.keep_checkpoints))
+                         for run in runs]
+        start_step, state = _restore(checkpointers, layout, initial_state)
+        summaries = [{"step": final_step, "resumed_from_step": start_step, "compile_s": 0.0, "run_s": 0.0}
+                     for _ in runs]
         chunks = range(start_step // steps_per_chunk, num_chunks)
-        writer = MetricsWriter(run.path, resume_step=start_step) if is_logging_process() else _LatestOnly(run.metrics_path, start_step)
-        with writer, _progress_bar(chunks, loop, description) as bar:
-            if chunks:
-                train_chunk, summary["compile_s"] = _compile(train_chunk, state)
-            for chunk in chunks:
-                step = (chunk + 1) * steps_per_chunk
-                is_last = chunk == chunks[-1]
-                start = time.perf_counter()
-                new_state, metrics = train_chunk(state)
-                values = _to_floats(metrics)  # the one host transfer per chunk; waits for the device
-                seconds = time.perf_counter() - start
-                summary["run_s"] += seconds
+        writers = [stack.enter_context(MetricsWriter(run.path, resume_step=start_step) if is_logging_process()
+                                       else _LatestOnly(run.metrics_path, start_step)) for run in runs]
+        bar = stack.enter_context(_progress_bar(chunks, loop, description))
+        compile_s = 0.0
+        if chunks:
+            train_chunk, compile_s = _compile(train_chunk, state)
+        for chunk in chunks:
+            step = (chunk + 1) * steps_per_chunk
+            is_last = chunk == chunks[-1]
+            start = time.perf_counter()
+            new_state, metrics = train_chunk(state)
+            metrics = jax.device_get(dict(metrics))  # the one host transfer per chunk; waits for the device
+            seconds = time.perf_counter() - start
+            per_run = [_to_floats(values) for values in layout.split(metrics, len(runs))]
+            for values, checkpointer in zip(per_run, checkpointers):
                 _stop_if_not_finite(values, step, checkpointer)
-                state = new_state
+            state = new_state
+            if evaluate is not None and (is_last or _is_due(chunk, loop.eval_every)):
+                evaluations = layout.split(jax.device_get(dict(evaluate(state))), len(runs))
+                for values, evaluation in zip(per_run, evaluations):
+                    values.update({f"eval/{name}": value for name, value in _to_floats(evaluation).items()})
+            for values, writer, summary in zip(per_run, writers, summaries):
                 values.update({"time/chunk_s": seconds, "time/steps_per_s": steps_per_chunk / seconds})
                 if chunk == chunks[0]:
-                    values["time/compile_s"] = summary["compile_s"]
-                if evaluate is not None and (is_last or _is_due(chunk, loop.eval_every)):
-                    values.update({f"eval/{name}": value for name, value in _to_floats(evaluate(state)).items()})
+                    values["time/compile_s"] = summary["compile_s"] = compile_s
+                summary["run_s"] += seconds
                 writer.write(step, values)
-                bar.set_postfix({k: f"{v:.4g}" for k, v in values.items() if not k.startswith("time/")}, refresh=False)
-                bar.update()
-                if is_last or _is_due(chunk, loop.checkpoint_every):
-                    checkpointer.save(step, state)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in per_run[0].items() if not k.startswith("time/")}, refresh=False)
+            bar.update()
+            if is_last or _is_due(chunk, loop.checkpoint_every):
+                for checkpointer, seed_state in zip(checkpointers, layout.split(state, len(runs))):
+                    checkpointer.save(step, seed_state)
+        for summary, writer in zip(summaries, writers):
             summary["metrics"] = dict(writer.latest)
-    return TrainResult(state=state, step=final_step, summary=summary)
+    return [TrainResult(state=seed_state, step=final_step, summary=summary)
+            for seed_state, summary in zip(layout.split(state, len(runs)), summaries)]
+
+
+def _restore(checkpointers: list[Checkpointer], layout: _Layout, initial_state: State) -> tuple[int, State]:
+    """(step, state) from the newest step every run has checkpointed, or (0, initial_state)."""
+    common = set.intersection(*(set(checkpointer.all_steps()) for checkpointer in checkpointers))
+    if not common:
+        return 0, initial_state
+    step = max(common)
+    likes = layout.split(initial_state, len(checkpointers))
+    states = []
+    for checkpointer, like in zip(checkpointers, likes):
+        checkpointer.delete_after(step)  # a later save of some seeds only; it is redone
+        states.append(checkpointer.restore(step, like))
+    return step, layout.stack(states)
 
 
 class _LatestOnly:

@@ -66,20 +66,22 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def batch_sharded(mesh: Mesh) -> NamedSharding:
-    """The leading axis split across the mesh's devices, the other axes whole."""
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXIS))
-
-
 def shard_batch(tree: Any, mesh: Mesh | None) -> Any:
     """Inside jit: constrain every array of `tree` (leading axis = batch) to be split along the
     batch axis. The identity without a mesh, so single-device code is exactly what it was."""
+    return shard_along(tree, mesh, axis=0)
+
+
+def shard_along(tree: Any, mesh: Mesh | None, axis: int) -> Any:
+    """`shard_batch` for a batch axis that need not be the leading one: time-major unrolls and
+    replay buffers ([T, N, ...], `axis` 1) split over their environments, time whole on each device."""
     if mesh is None:
         return tree
     for leaf in jax.tree.leaves(tree):
-        check(leaf.shape and leaf.shape[0] % mesh.size == 0, "mesh.devices",
-              f"must divide the batch (an array of shape {leaf.shape} is drawn per update)", mesh.size)
-    return jax.lax.with_sharding_constraint(tree, batch_sharded(mesh))
+        check(leaf.ndim > axis and leaf.shape[axis] % mesh.size == 0, "mesh.devices",
+              f"must divide the batch (an array of shape {leaf.shape} is split along axis {axis})", mesh.size)
+    spec = PartitionSpec(*(None,) * axis, BATCH_AXIS)
+    return jax.lax.with_sharding_constraint(tree, NamedSharding(mesh, spec))
 
 
 def replicate(tree: Any, mesh: Mesh | None) -> Any:
@@ -133,4 +135,3 @@ def _int_env(name: str) -> int | None:
 def is_logging_process() -> bool:
     """Process 0 writes metrics, TensorBoard events and run-directory files; the others compute."""
     return jax.process_index() == 0
-

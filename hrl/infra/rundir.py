@@ -14,6 +14,7 @@ is refused (the outputs would mix two experiments) unless `overwrite=True` wipes
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -57,6 +58,8 @@ class RunDir:
             shutil.rmtree(run.path)
         resolved = to_dict(config)
         saved = run.saved_config()
+        if saved is not None:  # a key added to the schema since the run was made reads as its default
+            saved = _with_missing_keys(saved, _defaults(config))
         if saved is not None and saved != resolved:
             raise ConfigMismatchError(
                 f"{run.path} was made with a different config ({_describe_differences(saved, resolved)}); "
@@ -89,6 +92,26 @@ class RunDir:
 
     def mark_complete(self, summary: Mapping[str, Any]) -> None:
         _write_atomically(self.path / COMPLETE_FILE, json.dumps(dict(summary), indent=2, sort_keys=True))
+
+
+def _defaults(config: Any) -> Any:
+    """The config as its schema's defaults would have it (None where the schema gives none)."""
+    if isinstance(config, dict):
+        return {key: _defaults(value) for key, value in config.items()}
+    if dataclasses.is_dataclass(config):
+        try:
+            return to_dict(type(config)())
+        except TypeError:  # a field without a default
+            return None
+    return None
+
+
+def _with_missing_keys(saved: Any, defaults: Any) -> Any:
+    """`saved` with the keys it lacks taken from `defaults`, at every depth."""
+    if not (isinstance(saved, dict) and isinstance(defaults, dict)):
+        return saved
+    return {**{key: value for key, value in defaults.items() if key not in saved},
+            **{key: _with_missing_keys(value, defaults.get(key)) for key, value in saved.items()}}
 
 
 def _describe_differences(saved: Any, new: Any, prefix: str = "") -> str:

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hrl.models import encoders
+from hrl.models.heads import ActionSpec, ObservationSpec
 from hrl.models.transformer import Output, ResidualStreamModel
 
 GATE_EXPONENT = 8.0  # c in a_t = a ** (c r_t)
@@ -155,15 +156,16 @@ class Hawk(ResidualStreamModel):
     def __init__(
         self,
         cfg: HawkConfig,
-        obs_dim: int,
-        num_actions: int,
+        observation: ObservationSpec,
+        action: ActionSpec,
         *,
         grid_shape: tuple[int, int, int] | None = None,
         rngs: nnx.Rngs,
     ):
         cfg.validate()
         init = nnx.initializers.variance_scaling(cfg.init_scale, "fan_in", "truncated_normal")
-        self._build(cfg, obs_dim, num_actions, grid_shape, init, lambda: RecurrentBlock(cfg, init, rngs), nnx.RMSNorm, rngs)
+        self._build(cfg, observation, action, grid_shape, init, lambda: RecurrentBlock(cfg, init, rngs), nnx.RMSNorm,
+                    rngs)
 
     def lower(self, obs: jax.Array, layer: int, segments: jax.Array | None = None) -> jax.Array:
         e = self.embed(obs)

@@ -104,7 +104,7 @@ class Metacontroller(nnx.Module):
         self.summary_readout = nnx.Linear(2 * summary, summary, rngs=rngs)
         self.encoder = MLP((width + history + summary, cfg.encoder_hidden, 2 * latent), rngs)
         self.switch = MLP((width + history + latent, cfg.switch_hidden, 1), rngs)
-        self.switch.out.bias[...] = jnp.full((1,), cfg.initial_switch_bias)
+        self.switch.out.bias[...] = jnp.full((1,), cfg.initial_switch_bias, jnp.float32)  # not weakly typed: a retrace
         self.encoder.out.bias[...] = jnp.zeros(2 * latent).at[latent:].set(cfg.initial_log_variance)
         self.decoder_hidden = nnx.Linear(latent, cfg.decoder_hidden, rngs=rngs)
         if cfg.rank:

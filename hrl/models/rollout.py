@@ -1,8 +1,9 @@
 """Closed-loop episodes of a sequence policy, decoded incrementally (one token per step).
 
-The policy is any model with `init_cache(batch_shape)` and `step(cache, obs, intervention, layer)`
-returning (Output, cache, e_layer): the transformer now, the Hawk model later. Recomputing the
-prefix at every step is never done: each environment step costs one cached model step.
+The policy is any model with `init_cache(batch_shape)`, `step(cache, obs, intervention, layer)`
+returning (Output, cache, e_layer) and `action_dist` (`hrl.models.heads`): the transformer or the
+Hawk model, on discrete or continuous actions. Recomputing the prefix at every step is never
+done: each environment step costs one cached model step.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ class Episode(NamedTuple):
 def run_episode(
     model: Any, env: Env, env_params: Any, key: jax.Array, *, greedy: bool = False
 ) -> Episode:
-    """One episode of the unsteered model, sampling its actions (argmax if greedy)."""
+    """One episode of the unsteered model, sampling its actions (the most likely one if greedy)."""
     key_reset, key_steps = jax.random.split(key)
     obs, state = env.reset(key_reset, env_params)
 
@@ -32,8 +33,8 @@ def run_episode(
         obs, state, cache, done, success, progress, length = carry
         key_act, key_env = jax.random.split(key)
         out, cache, _ = model.step(cache, obs)
-        logits = out.action_logits
-        action = jnp.argmax(logits) if greedy else jax.random.categorical(key_act, logits)
+        action_dist = model.action_dist
+        action = action_dist.mode(out.action_params) if greedy else action_dist.sample(out.action_params, key_act)
         obs, new_state, _, terminated, truncated, info = env.step(key_env, state, action, env_params)
         # Freeze the episode's results once it has ended; later steps are discarded.
         state = jax.tree.map(lambda old, new: jnp.where(done, old, new), state, new_state)

@@ -6,9 +6,11 @@ observations, and leaving it out removes the shortcut of copying the last action
 make the residual stream less about where the agent is going.
 
 Pre-norm blocks (attention with a learned relative-position bias, then a ReLU MLP). The residual
-stream e_l is the activation after block l (e_0 is the embedding). Heads read the normalised
-last residual: action logits (categorical) and next-observation logits (independent Bernoulli
-bits; the grid's observation is binary).
+stream e_l is the activation after block l (e_0 is the embedding). Two linear heads read the
+normalised last residual: the parameters of the action distribution and of the next-observation
+prediction, whose families follow from the environment's spaces (`hrl.models.heads`: categorical
+logits and Bernoulli bits for the grid, a diagonal Gaussian and a unit-variance Gaussian for the
+ant). Both backbones (this one and `hrl.models.hawk.Hawk`) build them in `ResidualStreamModel`.
 
 The stream can be opened at layer l:
 - `lower(obs, l)` runs the embedding and blocks 1..l and returns e_l;
@@ -29,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from hrl.models import encoders
+from hrl.models import encoders, heads
 
 Intervention = Callable[[jax.Array], jax.Array]
 
@@ -67,8 +69,8 @@ class TransformerConfig:
 
 
 class Output(NamedTuple):
-    action_logits: jax.Array  # [..., num_actions]
-    obs_logits: jax.Array  # [..., obs_dim], the next observation's bits
+    action_params: jax.Array  # [..., model.action_dist.size]: logits, or Gaussian mean and log std
+    obs_params: jax.Array  # [..., model.obs_dist.size]: the next observation's bit logits, or its mean
     residuals: jax.Array | None = None  # [L + 1, ..., width]: e_0 .. e_L (full forward only)
 
 
@@ -142,19 +144,26 @@ class Block(nnx.Module):
 class ResidualStreamModel(nnx.Module):
     """What every base model shares (this transformer, `hrl.models.hawk.Hawk`): the observation's
     linear embedding e_0, `num_layers` blocks that each map the residual stream [..., T, width]
-    (with packed `segments`) to the next, and the heads on the normalised last residual."""
+    (with packed `segments`) to the next, and the heads on the normalised last residual, whose
+    families are `action_dist` and `obs_dist` (`hrl.models.heads`)."""
 
-    def _build(self, cfg, obs_dim: int, num_actions: int, grid_shape, init, make_block, norm, rngs: nnx.Rngs):
+    def _build(self, cfg, observation: heads.ObservationSpec, action: heads.ActionSpec, grid_shape, init, make_block,
+               norm, rngs: nnx.Rngs):
         """Creates the embedding, then the blocks (`make_block()` each), then the heads: in this
-        order, so that a given key gives the same parameters as before the backbones shared it."""
+        order, so that a given key gives the same parameters as before the backbones shared it.
+        `observation` and `action` are the environment's spaces (or, as before the heads module,
+        the observation's size in bits and the number of discrete actions)."""
         self.cfg = cfg
         self.grid_shape = grid_shape
+        self.obs_dist = heads.for_observations(observation)
+        self.action_dist = heads.for_actions(action)
+        obs_dim = self.obs_dist.obs_dim
         features = encoders.feature_dim(cfg.encoder, obs_dim, grid_shape)
         self.embedding = nnx.Linear(features, cfg.width, kernel_init=init, rngs=rngs)
         self.blocks = nnx.List([make_block() for _ in range(cfg.num_layers)])
         self.final_norm = norm(cfg.width, rngs=rngs)
-        self.action_head = nnx.Linear(cfg.width, num_actions, kernel_init=init, rngs=rngs)
-        self.obs_head = nnx.Linear(cfg.width, obs_dim, kernel_init=init, rngs=rngs)
+        self.action_head = nnx.Linear(cfg.width, self.action_dist.size, kernel_init=init, rngs=rngs)
+        self.obs_head = nnx.Linear(cfg.width, self.obs_dist.size, kernel_init=init, rngs=rngs)
 
     @property
     def num_layers(self) -> int:
@@ -214,15 +223,15 @@ class Transformer(ResidualStreamModel):
     def __init__(
         self,
         cfg: TransformerConfig,
-        obs_dim: int,
-        num_actions: int,
+        observation: heads.ObservationSpec,
+        action: heads.ActionSpec,
         *,
         grid_shape: tuple[int, int, int] | None = None,
         rngs: nnx.Rngs,
     ):
         cfg.validate()
         init = nnx.initializers.variance_scaling(cfg.init_scale, "fan_in", "truncated_normal")
-        self._build(cfg, obs_dim, num_actions, grid_shape, init, lambda: Block(cfg, init, rngs), nnx.LayerNorm, rngs)
+        self._build(cfg, observation, action, grid_shape, init, lambda: Block(cfg, init, rngs), nnx.LayerNorm, rngs)
 
     def lower(self, obs: jax.Array, layer: int) -> jax.Array:
         """obs [..., T, obs_dim] -> e_layer [..., T, width]."""
