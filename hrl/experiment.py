@@ -35,7 +35,7 @@ from hrl.algos.probe import ProbeConfig
 from hrl.data import expert, ppo_expert
 from hrl.data.expert import CollectConfig
 from hrl.infra.config import check
-from hrl.infra.loop import LoopConfig, TrainResult, run_training, run_training_seeds, vmap_seeds
+from hrl.infra.loop import LoopConfig, TrainResult, run_training, run_training_seeds, stack_seeds, vmap_seeds
 from hrl.infra.mesh import MeshConfig, build_mesh
 from hrl.infra.rundir import RunDir
 from hrl.infra.train_state import TrainState
@@ -671,11 +671,6 @@ def run_stage(stage: Callable, config: ExperimentConfig, runs_dir: str | Path, s
     else:
         for seed in seeds:
             stage(with_seed(config, seed), runs_dir)
-
-
-def stack_seeds(trees: list[Any]) -> Any:
-    """The trees stacked along a new leading (seed) axis."""
-    return jax.tree.map(lambda *leaves: jax.numpy.stack(leaves), *trees)
 
 
 def finish_rl_stage(run: RunDir, stage: str, result) -> None:

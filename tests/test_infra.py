@@ -18,7 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from hrl.infra.checkpoint import Checkpointer
 from hrl.infra.config import ConfigError
-from hrl.infra.loop import LoopConfig, NonFiniteMetricError, run_training, run_training_seeds, vmap_seeds
+from hrl.infra.loop import LoopConfig, NonFiniteMetricError, run_training, run_training_seeds, stack_seeds, vmap_seeds
 from hrl.infra.metrics import read_metrics
 from hrl.infra.rundir import ConfigMismatchError, RunDir
 
@@ -288,7 +288,7 @@ SCALES = jnp.array([1.0, 3.0])
 
 def train_seeds(tmp_path, num_chunks, train_chunk=None):
     runs = [RunDir.open(tmp_path / f"seed_{seed}", {"toy": {"seed": seed}}) for seed in (0, 1)]
-    states = jax.tree.map(lambda *xs: jnp.stack(xs), toy_init(0), toy_init(1))
+    states = stack_seeds([toy_init(0), toy_init(1)])
     return run_training_seeds(runs, states, train_chunk or vmap_seeds(make_scaled_chunk, SCALES), num_chunks,
                               steps_per_chunk=5, loop=QUIET, evaluate=jax.vmap(toy_evaluate))
 

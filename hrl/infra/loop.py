@@ -148,9 +148,13 @@ class _Layout:
     stack: Callable[[list[Any]], Any]  # the inverse
 
 
+def stack_seeds(trees: Sequence[Any]) -> Any:
+    """The trees (one per seed, the same structure) stacked along a new leading seed axis."""
+    return jax.tree.map(lambda *leaves: jax.numpy.stack(leaves), *trees)
+
+
 _ONE_RUN = _Layout(split=lambda tree, _: [tree], stack=lambda trees: trees[0])
-_SEED_AXIS = _Layout(split=lambda tree, n: [jax.tree.map(lambda x: x[k], tree) for k in range(n)],
-                     stack=lambda trees: jax.tree.map(lambda *xs: jax.numpy.stack(xs), *trees))
+_SEED_AXIS = _Layout(split=lambda tree, n: [jax.tree.map(lambda x: x[k], tree) for k in range(n)], stack=stack_seeds)
 
 
 def _run(runs: list[RunDir], layout: _Layout, initial_state: State, train_chunk: Callable, num_chunks: int,
