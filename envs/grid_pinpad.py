@@ -17,7 +17,8 @@
   layouts unsolvable for a drawn pretraining task and about 20% for the post-training task.
   `GridPinpad()` draws layouts uniformly, as the paper states; `GridPinpad(solvable_only=True)`
   redraws at reset until a task still alive can be completed within the horizon
-  (`task_is_solvable`). Expert data and the RL presets use `solvable_only=True`, so that success
+  (`task_is_solvable`), at most `MAX_REDRAWS` times (then the last draw stands: a horizon too
+  short for any layout gives unsolvable episodes instead of a hang). Expert data and the RL presets use `solvable_only=True`, so that success
   rates are out of 100% and the shortest-path expert solves every episode.
 - In the JAX functions an out-of-range action is clamped (JAX indexing); the gymnasium adapter
   refuses it with an error instead.
@@ -44,6 +45,9 @@ MAX_TASK_LEN = 12  # the post-training task's 12 colours
 # (row, column) change of each action: up, right, down, left.
 UNREACHABLE = NUM_CELLS  # longer than any path on the grid
 IMPOSSIBLE = 1 << 20  # more steps than any horizon
+# solvable_only's redraws per reset. About 20% of uniform layouts are unsolvable at horizon 100, so
+# 64 redraws all fail with probability 0.2^64: only a horizon too short for any layout reaches it.
+MAX_REDRAWS = 64
 MOVES = jnp.array([[-1, 0], [0, 1], [1, 0], [0, -1]], jnp.int32)
 
 
@@ -114,10 +118,11 @@ class GridPinpad(Env[GridState, pinpad.PinpadParams]):
         if not self.solvable_only:
             return self._draw(key, params)
 
-        # Redraw (keys folded from `key`) until a task still alive can be done within the horizon.
+        # Redraw (keys folded from `key`) until a task still alive can be done within the horizon,
+        # at most MAX_REDRAWS times: a horizon too short for any layout must not hang the program.
         def unsolvable(carry):
-            _, (_, state) = carry
-            return ~task_is_solvable(state, params, self.horizon)
+            attempt, (_, state) = carry
+            return ~task_is_solvable(state, params, self.horizon) & (attempt < MAX_REDRAWS)
 
         def redraw(carry):
             attempt, _ = carry

@@ -28,7 +28,6 @@ from hrl.data.expert import load_dataset
 from hrl.experiment import (
     EXPERT_DATA,
     EXPERT_DATA_CLEAN,
-    PIPELINE_STAGES,
     ExperimentConfig,
     run_ant_expert,
     run_bc,
@@ -40,6 +39,7 @@ from hrl.experiment import (
     run_internal_rl,
     run_pretrain,
     run_probe,
+    pipeline_stages,
     run_stage,
     write_results_table,
 )
@@ -62,7 +62,7 @@ def pipeline_command(config: ExperimentConfig, args: argparse.Namespace) -> None
     the figures of the complete stages."""
     from hrl.analysis.figures import write_figures  # matplotlib: only this command needs it
 
-    for stage in PIPELINE_STAGES:
+    for stage in pipeline_stages(config):
         run_stage(stage, config, args.runs_dir, args.seeds)
     table = write_results_table(config, args.runs_dir, args.seeds)
     figures = write_figures(args.runs_dir, config.run.experiment, args.seeds)
@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                              help="config overrides, e.g. bc.learning_rate=3e-4")
         return command
 
-    family = ("family", dict(choices=["gridworld"],
+    family = ("family", dict(choices=["gridworld", "ant"],
                              help="environment family; the preset defaults to <family>/quick"))
     pipeline = add("pipeline", pipeline_command,
                    "run every stage of an experiment in order for several seeds, then write a results table",

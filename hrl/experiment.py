@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 import envs
+from envs.base import Discrete
 from envs.experts import make_expert, make_labelled_expert
 
 from hrl.algos import bc, controllers, crl, discovery, grpo, internal_rl, ppo, pretrain, probe
@@ -34,7 +35,7 @@ from hrl.algos.pretrain import PretrainConfig
 from hrl.algos.probe import ProbeConfig
 from hrl.data import expert, ppo_expert
 from hrl.data.expert import CollectConfig
-from hrl.infra.config import check
+from hrl.infra.config import ConfigError, check
 from hrl.infra.loop import LoopConfig, TrainResult, run_training, run_training_seeds, stack_seeds, vmap_seeds
 from hrl.infra.mesh import MeshConfig, build_mesh
 from hrl.infra.rundir import RunDir
@@ -201,9 +202,9 @@ def check_collect_fits_expert(config: ExperimentConfig) -> None:
         check(config.collect.epsilon == 0.0, "collect.epsilon",
               f"must be 0 for {config.env.name} (the grid expert's noise; the ant's D samples the PPO expert)",
               config.collect.epsilon)
-        check(config.pretrain.data == "dataset", "pretrain.data",
-              f"must be 'dataset' for {config.env.name} (its PPO expert does not generate episodes inside the "
-              "update yet)", config.pretrain.data)
+        check(config.pretrain.data == "dataset" or config.pretrain.labels == "taken", "pretrain.labels",
+              f"must be 'taken' for {config.env.name} with data 'online' (its PPO expert has no noise-free "
+              "distribution to label a noisy expert's states with)", config.pretrain.labels)
 
 
 def expert_env(config: ExperimentConfig) -> envs.Env:
@@ -260,6 +261,13 @@ def load_ant_expert(config: ExperimentConfig, runs_dir: str | Path) -> ppo.PPOSt
     return restored[1]
 
 
+def clean_expert(config: ExperimentConfig, runs_dir: str | Path, env: envs.Env) -> expert.Expert:
+    """D*'s expert, which the `data: online` stages run inside their updates."""
+    if ppo_expert.privileged_variant(config.env.name) is None:
+        return make_expert(env, 0.0)
+    return collect_experts(config, runs_dir, env)[1]
+
+
 def collect_experts(config: ExperimentConfig, runs_dir: str | Path, env: envs.Env) -> tuple[expert.Expert, expert.Expert]:
     """(D's expert, D*'s expert). The grid: the shortest-path planner with `collect.epsilon` and
     with 0. An env with a privileged variant (the ant): the ant_expert stage's policy, sampled and
@@ -278,8 +286,10 @@ def run_bc(config: ExperimentConfig, runs_dir: str | Path, overwrite: bool = Fal
     if run.is_complete:
         print(f"bc: complete, skipped ({run.path})")
         return run
-    dataset = expert.load_dataset(run_collect(config, runs_dir).path / EXPERT_DATA)
     env = config.env.make()
+    if not isinstance(env.action_space, Discrete):
+        raise ConfigError(f"env.name: behaviour cloning (stage 'bc') is for discrete actions, {env.name} has continuous ones")
+    dataset = expert.load_dataset(run_collect(config, runs_dir).path / EXPERT_DATA)
     init_key, eval_key = jax.random.split(stage_key(config, "bc"))
     cfg = config.bc
     mesh = build_mesh(config.mesh)
@@ -310,11 +320,11 @@ def pretrain_batches(config: ExperimentConfig, runs_dir: str | Path, env: envs.E
     """Pretraining's batch sampler: from the collected D, or fresh episodes of D's expert."""
     cfg = config.pretrain
     if cfg.data == "online":
-        epsilon = config.collect.epsilon
         if cfg.labels == "expert":
-            labelled = make_labelled_expert(env, epsilon)
+            labelled = make_labelled_expert(env, config.collect.epsilon)
         else:
-            labelled = pretrain.taken_action_targets(make_expert(env, epsilon), env.action_space)
+            noisy_expert = collect_experts(config, runs_dir, env)[0]
+            labelled = pretrain.taken_action_targets(noisy_expert, env.action_space)
         return pretrain.online_batches(env, env.pretrain_params(), labelled, cfg.batch_size)
     dataset = expert.load_dataset(run_collect(config, runs_dir).path / EXPERT_DATA)
     return pretrain.dataset_batches(dataset, cfg.batch_size, env.action_space)
@@ -411,7 +421,7 @@ def run_controllers(config: ExperimentConfig, runs_dir: str | Path, overwrite: b
     result = run_training(
         run,
         controllers.init(init_key, cfg, base, len(layers), env.num_subgoals),
-        controllers.make_train_chunk(cfg, base, layers, controller_episodes(config, env, dataset), mesh),
+        controllers.make_train_chunk(cfg, base, layers, controller_episodes(config, runs_dir, env, dataset), mesh),
         cfg.num_chunks,
         steps_per_chunk=cfg.updates_per_chunk,
         loop=config.loop,
@@ -443,11 +453,12 @@ def discovery_base(config: ExperimentConfig, runs_dir: str | Path, variant: str)
     return None, make_base
 
 
-def controller_episodes(config: ExperimentConfig, env: envs.Env, dataset) -> controllers.Episodes:
+def controller_episodes(config: ExperimentConfig, runs_dir: str | Path, env: envs.Env, dataset) -> controllers.Episodes:
     """The supervised controllers' batches: from the collected D*, or fresh episodes of its clean expert."""
     cfg = config.controllers
     if cfg.data == "online":
-        return controllers.online_episodes(env, env.pretrain_params(), make_expert(env, 0.0), cfg.batch_size)
+        return controllers.online_episodes(env, env.pretrain_params(), clean_expert(config, runs_dir, env),
+                                           cfg.batch_size)
     return controllers.dataset_episodes(dataset, cfg.batch_size)
 
 
@@ -464,7 +475,12 @@ def run_discovery(config: ExperimentConfig, runs_dir: str | Path, overwrite: boo
     env = config.env.make()
     cfg = config.discovery
     layer = cfg.controlled_layer(config.model.num_layers)
-    online = discovery.online_episodes(env, env.pretrain_params(), make_expert(env, 0.0), cfg.batch_size)
+    if cfg.data == "online" and ppo_expert.privileged_variant(config.env.name) and len(seeds or []) > 1:
+        # One sampler serves every seed of the vmapped program, but each seed has its own PPO expert.
+        raise ConfigError(f"discovery.data: 'online' trains one seed at a time for {env.name} (each seed has "
+                          "its own PPO expert); use 'dataset' or run the seeds one by one")
+    online = (discovery.online_episodes(env, env.pretrain_params(), clean_expert(config, runs_dir, env), cfg.batch_size)
+              if cfg.data == "online" else None)
     splits = {seed: probe.split_episodes(expert.load_dataset(run_collect(with_seed(config, seed), runs_dir).path
                                                              / EXPERT_DATA_CLEAN), cfg.heldout_fraction)
               for seed in (seeds if seeds is not None else [config.run.seed])}
@@ -687,6 +703,13 @@ PIPELINE_STAGES = (run_collect, run_bc, run_pretrain, run_probe, run_controllers
                    *(functools.partial(run_discovery, variant=variant) for variant in DISCOVERY_STAGES),
                    *(functools.partial(run_internal_rl, variant=variant) for variant in INTERNAL_RL_STAGES),
                    run_grpo)
+
+
+def pipeline_stages(config: ExperimentConfig) -> tuple[Callable, ...]:
+    """PIPELINE_STAGES for the configured env: without BC (a discrete-action baseline) for
+    continuous actions (the ant)."""
+    discrete = isinstance(config.env.make().action_space, Discrete)
+    return tuple(stage for stage in PIPELINE_STAGES if discrete or stage is not run_bc)
 
 
 def write_results_table(config: ExperimentConfig, runs_dir: str | Path, seeds: list[int]) -> Path:

@@ -188,3 +188,46 @@ def test_ant_presets_and_the_unchanged_grid_stage_configs():
     grid = load_config(ExperimentConfig, "gridworld/quick")
     assert list(stage_config(grid, "collect")) == ["seed", "env", "collect"]  # no ppo section for the grid
     assert "ppo" not in stage_config(grid, "pretrain")
+
+
+def test_every_later_stage_runs_on_the_ant_through_its_preset(expert_runs, tmp_path, monkeypatch):
+    """The grid's stage code on the ant, configured by ant/quick alone: the Hawk base pretrained on
+    fresh episodes of the PPO expert, probes, full-rank controllers and metacontroller, internal RL
+    and GRPO on continuous raw actions; `hrl pipeline ant` runs these (the discovery and RL
+    ablations are the same code on other metacontrollers) without BC, a discrete-action baseline."""
+    from hrl.algos import pretrain
+    from hrl.experiment import (pipeline_stages, run_bc, run_controllers, run_discovery, run_grpo,
+                                run_internal_rl, run_pretrain, run_probe)
+    from hrl.infra.rundir import RunDir
+
+    # Pretraining's closed-loop evaluation on the ant (tested in test_pretrain.py) would add a minute.
+    monkeypatch.setattr(pretrain, "make_evaluate", lambda *args, **kwargs: lambda state: {})
+    runs = tmp_path / "runs"
+    shutil.copytree(expert_runs, runs)
+    tiny = [
+        *TINY, "model.num_layers=2", "model.width=16", "model.rnn_width=16", "model.mlp_width=32", f"model.max_len={HORIZON}",
+        "pretrain.data=online", "pretrain.batch_size=2", "pretrain.num_updates=2", "pretrain.updates_per_chunk=2",
+        "probe.batch_size=2", "probe.num_updates=2", "probe.updates_per_chunk=2",
+        "controllers.layers=[1]", "controllers.batch_size=2", "controllers.num_updates=2",
+        "controllers.updates_per_chunk=2", "controllers.eval_episodes=2", "discovery.alphas=[0.0]",
+        "discovery.batch_size=2", "discovery.num_updates=2", "discovery.updates_per_chunk=2",
+        "discovery.kl_warmup_updates=0", "internal_rl.alpha=0.0", "internal_rl.policy_width=8",
+        "internal_rl.batch_size=4", "internal_rl.num_updates=1", "internal_rl.updates_per_chunk=1",
+        "internal_rl.eval_episodes=2", "grpo.batch_size=4", "grpo.num_updates=1", "grpo.updates_per_chunk=1",
+        "grpo.eval_episodes=2",
+    ]  # fmt: skip
+    config = load_config(ExperimentConfig, "ant/quick", tiny)
+    assert config.controllers.rank == config.metacontroller.rank == 0  # full U (paper, ant)
+    assert run_bc not in pipeline_stages(config) and run_discovery in {getattr(s, "func", s) for s in pipeline_stages(config)}
+    with pytest.raises(ConfigError, match="discrete actions"):
+        run_bc(config, runs)
+    run_pretrain(config, runs)
+    assert set(run_probe(config, runs).summary()["heldout_accuracy_by_layer"]) == {"0", "1", "2"}
+    controllers = run_controllers(config, runs).summary()
+    assert set(controllers["posttrain_success_by_layer"]) == {"1"}
+    assert controllers["metrics"]["subgoal_start_nll/layer_1"] > 0
+    (discovery,) = run_discovery(config, runs)
+    assert set(discovery.summary()["heldout_by_alpha"]) == {"0"}
+    for stage in (run_internal_rl(config, runs)[0], run_grpo(config, runs)[0]):
+        summary = RunDir(stage.path).summary()
+        assert summary["episodes"] == 4 and 0 <= summary["eval_success_rate"] <= 1

@@ -23,9 +23,6 @@ ENV = GridPinpad(horizon=40)  # the tiny pipeline's environment (uniform layouts
 NUM_SUBGOALS = 4
 
 
-
-
-
 def test_controllers_learn_and_leave_the_base_model_bitwise_unchanged(clean_data, base):
     before = host_copy(nnx.state(base))
     cfg = controllers.ControllerConfig(learning_rate=1e-2, batch_size=8, num_updates=40, updates_per_chunk=10)
@@ -44,7 +41,15 @@ def test_controllers_learn_and_leave_the_base_model_bitwise_unchanged(clean_data
     for layer in layers:
         assert history[-1][f"action_nll/layer_{layer}"] < history[0][f"action_nll/layer_{layer}"]
         assert history[-1][f"action_nll/layer_{layer}"] < 0.95 * history[-1]["base_action_nll"]
+        assert history[-1][f"subgoal_start_nll/layer_{layer}"] < history[-1]["base_subgoal_start_nll"]
     jax.tree.map(np.testing.assert_array_equal, host_copy(nnx.state(base)), before)
+
+
+def test_subgoal_starts_mark_each_episodes_first_step_and_every_change_of_subgoal():
+    subgoals = jnp.array([[2, 2, 0, 0, 3, 3], [1, 1, 1, 1, 1, 1]])
+    mask = jnp.array([[1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0]], bool)
+    np.testing.assert_array_equal(controllers.subgoal_starts(subgoals, mask),
+                                  [[1, 0, 1, 0, 1, 0], [1, 0, 0, 0, 0, 0]])
 
 
 def test_online_batches_are_fresh_clean_expert_episodes_with_their_subgoals():

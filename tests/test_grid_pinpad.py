@@ -235,3 +235,11 @@ def test_solvable_only_layouts(env):
     # Keys whose first draw is solvable give the same layout in both environments.
     first_ok = np.asarray(check(uniform))
     np.testing.assert_array_equal(np.asarray(filtered.colour_cells)[first_ok], np.asarray(uniform.colour_cells)[first_ok])
+
+
+def test_solvable_only_reset_returns_when_the_horizon_is_too_short_for_any_layout(env):
+    # Twelve colours cannot be visited in 5 steps: the redraws give up instead of looping forever.
+    params = env.posttrain_params()
+    short = GridPinpad(horizon=5, solvable_only=True)
+    _, state = jax.jit(short.reset)(KEY, params)
+    assert not bool(task_is_solvable(state, params, 5))

@@ -201,8 +201,9 @@ def test_the_ant_preset_builds_a_hawk_with_gaussian_heads():
     assert model.action_dist == DiagGaussian(8) and model.obs_dist == UnitGaussian(41)
     paper = load_config(ExperimentConfig, "ant/paper")
     assert (paper.model.backbone, paper.model.num_layers, paper.model.width, paper.model.mlp_width) == ("hawk", 8, 256, 512)
-    with pytest.raises(ConfigError, match="pretrain.data"):
-        load_config(ExperimentConfig, "ant/quick", ["pretrain.data=online"])  # no online PPO expert yet
+    load_config(ExperimentConfig, "ant/quick", ["pretrain.data=online"])  # the PPO expert inside the update
+    with pytest.raises(ConfigError, match="pretrain.labels"):
+        load_config(ExperimentConfig, "ant/quick", ["pretrain.data=online", "pretrain.labels=expert"])
     with pytest.raises(ConfigError, match="model.backbone"):
         load_config(ExperimentConfig, "gridworld/quick", ["model.backbone=lstm"])
 

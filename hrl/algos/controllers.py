@@ -153,39 +153,54 @@ def online_episodes(env: Env, env_params: Any, expert: Callable, batch_size: int
     return sample
 
 
+def subgoal_starts(subgoals: jax.Array, mask: jax.Array) -> jax.Array:
+    """[B, T] bool: the valid steps where a new subgoal begins (an episode's first step included).
+    There the base model, which cannot see the task, must guess which subgoal comes next, and a
+    controller that carries the subgoal should help most: the NLL there (`subgoal_start_nll`) is
+    the controllers' clearest measure, where the mean over all steps is dominated by steps the
+    base model already predicts."""
+    changed = jnp.concatenate([jnp.ones_like(subgoals[:, :1], bool), subgoals[:, 1:] != subgoals[:, :-1]], axis=1)
+    return changed & mask
+
+
 def make_train_chunk(cfg: ControllerConfig, base: Transformer, layers: tuple[int, ...], sample_episodes: Episodes,
                      mesh: Mesh | None = None) -> Callable[[TrainState], tuple[TrainState, dict]]:
     """A jitted `train_chunk(state) -> (state, metrics)` of `cfg.updates_per_chunk` updates on
-    batches from `sample_episodes`: `action_nll/layer_l` and `action_accuracy/layer_l` per
-    controlled layer, and the unsteered base model's `base_action_nll` on the same batches."""
+    batches from `sample_episodes`: `action_nll/layer_l`, `subgoal_start_nll/layer_l` and
+    `action_accuracy/layer_l` per controlled layer, and the unsteered base model's
+    `base_action_nll` and `base_subgoal_start_nll` on the same batches."""
     optimizer = make_optimizer(cfg)
 
     def loss_fn(params, graphdef, residuals, actions, subgoals, mask):
         all_logits = steered_action_logits(base, nnx.merge(graphdef, params), layers, residuals, subgoals)
-        nll = jnp.stack([masked_mean(base.action_dist.nll(logits, actions), mask)
-                         for logits in all_logits])
+        step_nll = [base.action_dist.nll(logits, actions) for logits in all_logits]
+        nll = jnp.stack([masked_mean(values, mask) for values in step_nll])
+        start_nll = jnp.stack([masked_mean(values, subgoal_starts(subgoals, mask)) for values in step_nll])
         accuracy = jnp.stack([masked_mean(base.action_dist.fit(logits, actions), mask) for logits in all_logits])
-        return jnp.sum(nll), (nll, accuracy)  # the sets share no parameter: each gets its own gradient
+        return jnp.sum(nll), (nll, start_nll, accuracy)  # the sets share no parameter: each gets its own gradient
 
     def update(state: TrainState, _):
         key, batch_key = jax.random.split(state.key)
         batch_obs, batch_actions, batch_subgoals, batch_mask = shard_batch(sample_episodes(batch_key), mesh)
         unsteered = base(batch_obs)  # outside the differentiated function: the base is frozen
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (_, (nll, accuracy)), grads = grad_fn(state.params, state.graphdef, unsteered.residuals, batch_actions,
-                                              batch_subgoals, batch_mask)
+        (_, (nll, start_nll, accuracy)), grads = grad_fn(state.params, state.graphdef, unsteered.residuals,
+                                                         batch_actions, batch_subgoals, batch_mask)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        base_nll = masked_mean(base.action_dist.nll(unsteered.action_params, batch_actions),
-                               batch_mask)
-        return state.replace(params=params, opt_state=opt_state, key=key), (nll, accuracy, base_nll)
+        base_step_nll = base.action_dist.nll(unsteered.action_params, batch_actions)
+        base_nll = (masked_mean(base_step_nll, batch_mask),
+                    masked_mean(base_step_nll, subgoal_starts(batch_subgoals, batch_mask)))
+        return state.replace(params=params, opt_state=opt_state, key=key), (nll, start_nll, accuracy, base_nll)
 
     @jax.jit
     def train_chunk(state: TrainState):
-        state, (nll, accuracy, base_nll) = jax.lax.scan(update, state, length=cfg.updates_per_chunk)
-        metrics = {"base_action_nll": base_nll.mean()}
+        state, (nll, start_nll, accuracy, (base_nll, base_start_nll)) = jax.lax.scan(
+            update, state, length=cfg.updates_per_chunk)
+        metrics = {"base_action_nll": base_nll.mean(), "base_subgoal_start_nll": base_start_nll.mean()}
         for index, layer in enumerate(layers):
             metrics[f"action_nll/layer_{layer}"] = nll[:, index].mean()
+            metrics[f"subgoal_start_nll/layer_{layer}"] = start_nll[:, index].mean()
             metrics[f"{base.action_dist.fit_metric}/layer_{layer}"] = accuracy[:, index].mean()
         return state, metrics
 

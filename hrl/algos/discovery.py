@@ -203,7 +203,7 @@ def make_train_chunk(cfg: DiscoveryConfig, meta_cfg: MetacontrollerConfig, froze
         batch_obs, batch_actions, batch_mask = shard_batch(sample_episodes(batch_key), mesh)
         # The frozen base's lower blocks: once for every alpha, outside the differentiated function.
         lower = frozen_base.lower(batch_obs, layer) if frozen_base is not None else None
-        noise = shard_batch(jax.random.normal(noise_key, (*batch_actions.shape, meta_cfg.latent_size)), mesh)
+        noise = shard_batch(jax.random.normal(noise_key, (*batch_mask.shape, meta_cfg.latent_size)), mesh)
         updates_done = optax.tree_utils.tree_get(state.opt_state, "count")[0]
         warmup = jnp.minimum(1.0, (updates_done + 1) / cfg.kl_warmup_updates) if cfg.kl_warmup_updates else 1.0
         grad_fn = jax.vmap(jax.value_and_grad(loss_fn, has_aux=True), in_axes=(0, None, 0, None, None, None, None, None))
@@ -236,7 +236,7 @@ def make_analyse(frozen_base: Transformer | None, layer: int, heldout: Any) -> C
 
         def per_alpha(params):
             learner = nnx.merge(state.graphdef, params)
-            noise = jnp.zeros((*actions.shape, learner.metacontroller.cfg.latent_size))
+            noise = jnp.zeros((*mask.shape, learner.metacontroller.cfg.latent_size))
             out = run_learner(learner, frozen_base, layer, obs, lower, actions, mask, noise)
             return {name: jnp.where(mask, out[name], 0.0) for name in ("beta", "nll", "kl")}
 

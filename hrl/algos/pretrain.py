@@ -188,7 +188,7 @@ def online_batches(env: Any, env_params: Any, expert: Callable, batch_size: int)
 
     def sample(key: jax.Array) -> Batch:
         streams = expert_data.rollout_streams(env, env_params, expert, key, batch_size, env.max_steps)
-        return Batch(streams.obs, streams.labels, jnp.ones(streams.actions.shape, bool), streams.segments)
+        return Batch(streams.obs, streams.labels, jnp.ones(streams.segments.shape, bool), streams.segments)
 
     return sample
 

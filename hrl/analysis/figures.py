@@ -131,11 +131,14 @@ def switching_gate_figure(runs_dir: str | Path, experiment: str, seeds: list[int
         stages[stage] = (seed, summary)
     if not stages:
         raise FileNotFoundError(f"no complete discovery run of {experiment} in {runs_dir} for seeds {seeds}")
+    analyses = {stage: np.load(RunDir.path_for(runs_dir, experiment, stage, seed) / DISCOVERY_ANALYSIS)
+                for stage, (seed, _) in stages.items()}
+    num_episodes = min(num_episodes, *(len(data["mask"]) for data in analyses.values()))  # held-out episodes
     fig = Figure(figsize=(5 * len(stages), 1.4 * num_episodes))
     axes = fig.subplots(num_episodes, len(stages), squeeze=False, sharex=True)
     for column, (stage, (seed, summary)) in enumerate(stages.items()):
         best = max(summary["heldout_by_alpha"], key=lambda alpha: summary["heldout_by_alpha"][alpha]["f1"])
-        data = np.load(RunDir.path_for(runs_dir, experiment, stage, seed) / DISCOVERY_ANALYSIS)
+        data = analyses[stage]
         index = [f"{alpha:g}" for alpha in data["alphas"]].index(best)
         for row in range(num_episodes):
             ax = axes[row, column]
