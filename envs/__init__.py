@@ -60,7 +60,8 @@ def _ant_pinpad(**kwargs) -> Env:
     return AntPinpad(**kwargs)
 
 
-def _ant_goal(**kwargs) -> Env:
+def _ant_goal(solvable_only: bool = False, **kwargs) -> Env:
+    """`solvable_only` is accepted like every env's and changes nothing: every target can be reached."""
     from envs.ant_goal import AntGoal
 
     return AntGoal(**kwargs)
@@ -73,8 +74,16 @@ def _ant_pinpad_expert(**kwargs) -> Env:
     return PrivilegedAntPinpad(**kwargs)
 
 
+def _ant_pinpad_goal(**kwargs) -> Env:
+    """ant-pinpad's post-training task as goal reaching, as GridPinpadGoal-v0 (envs/goals.py)."""
+    from envs.goals import PinpadProgressGoal
+
+    return PinpadProgressGoal(_ant_pinpad(**kwargs))
+
+
 register("AntPinpad-v0", _ant_pinpad)
 register("AntGoal-v0", _ant_goal)
+register("AntPinpadGoal-v0", _ant_pinpad_goal)
 register("AntPinpadExpert-v0", _ant_pinpad_expert)
 
 

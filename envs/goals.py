@@ -56,8 +56,8 @@ class PinpadProgressGoal(Wrapper, GoalEnv):
 
     @property
     def observation_space(self) -> Box:
-        inner = self.env.observation_space
-        return Box(0, 1, (inner.shape[0] + self.max_progress + 1,), inner.dtype)
+        inner = self.env.observation_space  # the one-hot count joins the inner range (the grid's is 0..1)
+        return Box(min(inner.low, 0), max(inner.high, 1), (inner.shape[0] + self.max_progress + 1,), inner.dtype)
 
     @property
     def goal_space(self) -> Box:

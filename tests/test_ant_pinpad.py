@@ -250,6 +250,19 @@ def test_task_tables_and_params(env):
     assert isinstance(envs.make("AntPinpad-v0"), AntPinpad) and isinstance(envs.make("AntGoal-v0"), AntGoal)
 
 
+def test_ant_pinpad_goal_appends_the_progress_count_and_asks_for_the_task_to_be_complete(env):
+    goal_env = envs.make("AntPinpadGoal-v0", horizon=HORIZON)  # CRL's goal space on ant-pinpad
+    space = goal_env.observation_space
+    assert space.shape == (OBS_DIM + 5,) and (space.low, space.high) == (env.observation_space.low, env.observation_space.high)
+    params = goal_env.default_params
+    assert int(params.tasks.ids[0]) == pinpad.POSTTRAIN_TASK_ID
+    obs, state = jax.jit(goal_env.reset)(KEY, params)
+    np.testing.assert_array_equal(goal_env.desired_goal(state, params), np.eye(5)[4])  # 4 colours visited
+    np.testing.assert_array_equal(goal_env.achieved_goal(obs), np.eye(5)[0])
+    np.testing.assert_array_equal(obs[:OBS_DIM], env.observe(state, params))
+    assert isinstance(envs.make("AntGoal-v0", solvable_only=True), AntGoal)  # accepted like every env's
+
+
 def test_any_task_mode_accepts_every_pretraining_task(env, transition):
     params = env.pretrain_params(any_task=True)
     # 2-1-0 and 2-1-3 are pretraining tasks; 2-3 starts none.

@@ -87,3 +87,11 @@ def test_dump_round_trips_through_yaml(preset, tmp_path):
     saved = tmp_path / "resolved.yaml"
     saved.write_text(to_yaml(config))
     assert load_config(Schema, saved) == config
+
+
+@pytest.mark.parametrize("preset", available_presets())
+def test_every_shipped_preset_loads_and_validates(preset):
+    from hrl.experiment import ExperimentConfig
+
+    config = load_config(ExperimentConfig, preset)
+    assert config.env.make().name == config.env.name
