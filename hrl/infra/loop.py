@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -30,7 +29,7 @@ from tqdm.auto import tqdm
 from hrl.infra.checkpoint import Checkpointer
 from hrl.infra.config import check
 from hrl.infra.mesh import is_logging_process, replicate, replicated
-from hrl.infra.metrics import MetricsWriter
+from hrl.infra.metrics import MetricsWriter, latest_values, records_up_to
 from hrl.infra.rundir import RunDir
 
 State = Any
@@ -171,7 +170,7 @@ def _run(runs: list[RunDir], layout: _Layout, initial_state: State, train_chunk:
                      for _ in runs]
         chunks = range(start_step // steps_per_chunk, num_chunks)
         writers = [stack.enter_context(MetricsWriter(run.path, resume_step=start_step) if is_logging_process()
-                                       else _LatestOnly(run.metrics_path, start_step)) for run in runs]
+                                       else _LatestOnly(run.path, start_step)) for run in runs]
         bar = stack.enter_context(_progress_bar(chunks, loop, description))
         compile_s = 0.0
         if chunks:
@@ -226,15 +225,8 @@ class _LatestOnly:
     """The metrics writer of a process that does not log: it only keeps the latest values, which
     every process needs for its summary (on a resume, those process 0 logged up to the restart)."""
 
-    def __init__(self, metrics_path: Path, resume_step: int):
-        self.latest: dict[str, float] = {}
-        for line in metrics_path.read_text().splitlines() if metrics_path.exists() else []:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # the torn last line of a killed run
-                continue
-            if record["step"] <= resume_step:
-                self.latest.update({k: v for k, v in record.items() if k not in ("step", "wall_time")})
+    def __init__(self, run_path: Path, resume_step: int):
+        self.latest: dict[str, float] = latest_values(records_up_to(run_path, resume_step))
 
     def write(self, step: int, metrics: Metrics) -> None:
         self.latest.update(metrics)

@@ -78,18 +78,34 @@ class MetricsWriter:
         """Rewrite metrics.jsonl with the lines at steps <= resume_step, remembering their values."""
         if not self._jsonl_path.exists():
             return
-        kept = []
-        for line in self._jsonl_path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # the torn last line of a killed run
-                continue
-            if record["step"] <= resume_step:
-                kept.append(line)
-                self.latest.update({k: v for k, v in record.items() if k not in ("step", "wall_time")})
+        kept = records_up_to(self.run_path, resume_step)
+        self.latest.update(latest_values(kept))
         temporary = self._jsonl_path.with_name(METRICS_FILE + ".tmp")
-        temporary.write_text("".join(line + "\n" for line in kept))
+        temporary.write_text("".join(line + "\n" for line, _ in kept))
         os.replace(temporary, self._jsonl_path)
+
+
+def records_up_to(run_path: str | Path, step: int) -> list[tuple[str, dict]]:
+    """(line, record) of each record of a run's metrics.jsonl at a step <= `step`, in order; the
+    torn last line of a killed run is skipped."""
+    path = Path(run_path) / METRICS_FILE
+    kept = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record["step"] <= step:
+            kept.append((line, record))
+    return kept
+
+
+def latest_values(records: list[tuple[str, dict]]) -> dict[str, float]:
+    """Each metric's last value in `records_up_to`'s records."""
+    latest = {}
+    for _, record in records:
+        latest.update({k: v for k, v in record.items() if k not in ("step", "wall_time")})
+    return latest
 
 
 def read_metrics(run_path: str | Path) -> list[dict[str, float]]:

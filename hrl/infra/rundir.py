@@ -74,10 +74,6 @@ class RunDir:
     def checkpoint_dir(self) -> Path:
         return self.path / CHECKPOINT_DIR
 
-    @property
-    def metrics_path(self) -> Path:
-        return self.path / METRICS_FILE
-
     def saved_config(self) -> dict[str, Any] | None:
         config_path = self.path / CONFIG_FILE
         return yaml.safe_load(config_path.read_text()) if config_path.is_file() else None
