@@ -18,8 +18,9 @@
   `GridPinpad()` draws layouts uniformly, as the paper states; `GridPinpad(solvable_only=True)`
   redraws at reset until a task still alive can be completed within the horizon
   (`task_is_solvable`), at most `MAX_REDRAWS` times (then the last draw stands: a horizon too
-  short for any layout gives unsolvable episodes instead of a hang). Expert data and the RL presets use `solvable_only=True`, so that success
-  rates are out of 100% and the shortest-path expert solves every episode.
+  short for any layout gives unsolvable episodes instead of a hang). Expert data and the RL
+  presets use `solvable_only=True`, so that success rates are out of 100% and the shortest-path
+  expert solves every episode.
 - In the JAX functions an out-of-range action is clamped (JAX indexing); the gymnasium adapter
   refuses it with an error instead.
 """
