@@ -84,6 +84,7 @@ def test_train_expert_writes_a_complete_run_and_skips_it_when_rerun(expert_runs,
     summary = yaml.safe_load((path / "complete").read_text())  # JSON is YAML
     assert summary["env"] == "AntPinpadExpert-v0" and summary["env_steps"] == 128
     assert 0.0 <= summary["success_rate"] <= 1.0 and summary["resumed_from_step"] == 0
+    assert 0.0 <= summary["posttrain_success_rate"] <= 1.0  # the denominator of the ant's Fig. 8b
     capsys.readouterr()
     assert cli.main(["train-expert", "--runs-dir", str(expert_runs), *TINY]) == 0
     assert "ant_expert: complete, skipped" in capsys.readouterr().out
@@ -231,3 +232,23 @@ def test_every_later_stage_runs_on_the_ant_through_its_preset(expert_runs, tmp_p
     for stage in (run_internal_rl(config, runs)[0], run_grpo(config, runs)[0]):
         summary = RunDir(stage.path).summary()
         assert summary["episodes"] == 4 and 0 <= summary["eval_success_rate"] <= 1
+
+
+def test_the_rl_figure_divides_by_the_experts_post_training_success(tmp_path):
+    from hrl.analysis.figures import expert_posttrain_success, rl_success_figure
+    from hrl.infra.metrics import MetricsWriter
+    from hrl.infra.rundir import RunDir
+
+    def complete(stage, summary, curve=()):
+        path = RunDir.path_for(tmp_path, "ant_quick", stage, 0)
+        path.mkdir(parents=True)
+        with MetricsWriter(path) as writer:
+            for episodes, success in curve:
+                writer.write(episodes, {"episodes": episodes, "success_rate": success})
+        RunDir(path).mark_complete(summary)
+
+    complete("internal_rl", {}, [(100, 0.1), (200, 0.35)])
+    assert expert_posttrain_success(tmp_path, "ant_quick", [0]) is None  # no trained expert: success as it is
+    complete("ant_expert", {"posttrain_success_rate": 0.7})
+    assert expert_posttrain_success(tmp_path, "ant_quick", [0]) == 0.7
+    assert rl_success_figure(tmp_path, "ant_quick", [0]).is_file()

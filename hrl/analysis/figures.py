@@ -172,10 +172,23 @@ def success_curve(run_path: Path, metric: str) -> tuple[np.ndarray, np.ndarray]:
     return np.array([row["episodes"] for row in rows]), np.array([row[metric] for row in rows])
 
 
+def expert_posttrain_success(runs_dir: str | Path, experiment: str, seeds: list[int]) -> float | None:
+    """The trained expert's mean post-training success over the seeds (the ant's ant_expert stage),
+    or None where there is no such stage or it never succeeds (the grid's planner needs none)."""
+    try:
+        summaries = completed_summaries(runs_dir, experiment, "ant_expert", seeds)
+    except FileNotFoundError:
+        return None
+    success = float(np.mean([summary.get("posttrain_success_rate", 0.0) for summary in summaries.values()]))
+    return success or None
+
+
 def rl_success_figure(runs_dir: str | Path, experiment: str, seeds: list[int]) -> Path:
     """Post-training success against training episodes, median and interquartile range over the
     seeds, per method (paper Fig. 8): internal RL, raw-action GRPO, the beta = 1 and co-trained
-    ablations, and CRL where its stage ran in this experiment."""
+    ablations, and CRL where its stage ran in this experiment. With a trained expert (the ant) the
+    success is divided by the expert's post-training success, as in the paper's Fig. 8b."""
+    expert = expert_posttrain_success(runs_dir, experiment, seeds)
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
     drawn = 0
@@ -188,14 +201,15 @@ def rl_success_figure(runs_dir: str | Path, experiment: str, seeds: list[int]) -
         grid = curves[0][0]
         if len(grid) == 0:
             continue
-        values = np.stack([np.interp(grid, episodes, success) for episodes, success in curves])
+        values = np.stack([np.interp(grid, episodes, success) for episodes, success in curves]) / (expert or 1.0)
         low, median, high = np.percentile(values, [25, 50, 75], axis=0)
         ax.plot(grid, median, color=colour, linewidth=2, label=f"{label} ({len(curves)} seed{'s' if len(curves) > 1 else ''})")
         ax.fill_between(grid, low, high, color=colour, alpha=0.2)
         drawn += 1
     if not drawn:
         raise FileNotFoundError(f"no complete RL run of {experiment} in {runs_dir} for seeds {seeds}")
-    ax.set(xlabel="training episodes", ylabel="post-training task success", ylim=(-0.02, 1.02),
+    ylabel = f"success / the expert's ({expert:.2f})" if expert else "post-training task success"
+    ax.set(xlabel="training episodes", ylabel=ylabel, ylim=(-0.02, max(1.02, ax.get_ylim()[1])),
            title=f"RL on the post-training task: median and IQR over seeds ({experiment})")
     ax.legend(fontsize=7)
     return save(fig, runs_dir, experiment, "rl_success")
