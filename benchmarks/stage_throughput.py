@@ -29,7 +29,8 @@ import jax
 from hrl.algos import bc, controllers, discovery, ppo, probe
 from hrl.experiment import (ExperimentConfig, controller_episodes, discovery_base, expert_env, init_pretrain_state)
 from hrl.infra.config import load_config
-from train_throughput import synthetic_dataset  # benchmarks/ is this script's directory, first on sys.path
+from rl_throughput import best_call_seconds  # benchmarks/ is this script's directory, first on sys.path
+from train_throughput import synthetic_dataset
 
 GRID_STAGES = ("bc", "probe", "controllers", "discovery", "discovery_cotrained")
 STAGES = GRID_STAGES + ("ant_expert",)
@@ -115,13 +116,7 @@ def compiled_chunk_seconds(train_chunk, state, repeats: int) -> tuple[float, flo
     compile_s = time.perf_counter() - start
     state, metrics = compiled(state)  # untimed: first-call costs (allocation, thread pools)
     jax.block_until_ready(metrics)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        state, metrics = compiled(state)
-        jax.block_until_ready(metrics)
-        best = min(best, time.perf_counter() - start)
-    return compile_s, best
+    return compile_s, best_call_seconds(compiled, state, repeats)
 
 
 def main() -> None:
