@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Callable
 
 import gymnasium
 import jax
@@ -113,18 +113,14 @@ def pretrain_task_index(task: str | int) -> int:
 # --- jitted functions: compiled once per configuration and shared by all instances
 
 
-def _reset_info(state, params):
-    """The info of an episode's first state (nothing visited, no success yet)."""
-    return grid_info(state, params, jnp.bool_(False))
-
-
 @functools.lru_cache(maxsize=None)
-def _single_functions(horizon: int, solvable_only: bool):
-    env = GridPinpad(horizon=horizon, solvable_only=solvable_only)
+def _single_functions(env_class: type, info_of: Callable, horizon: int, solvable_only: bool):
+    """The jitted reset (returning the first info too) and step of one `env_class` environment."""
+    env = env_class(horizon=horizon, solvable_only=solvable_only)
 
     def reset(key, params):
         obs, state = env.reset(key, params)
-        return obs, state, _reset_info(state, params)
+        return obs, state, info_of(state, params, jnp.bool_(False))
 
     def step(key, state, action, params):
         key, key_step = jax.random.split(key)
@@ -140,7 +136,7 @@ def _vector_functions(horizon: int, solvable_only: bool, num_envs: int):
 
     def reset(key, params):
         obs, states = batched.reset(jax.random.split(key, num_envs), params)
-        return obs, states, jax.vmap(_reset_info, (0, None))(states, params)
+        return obs, states, jax.vmap(grid_info, (0, None, None))(states, params, jnp.bool_(False))
 
     def step(key, states, actions, params):
         key, key_step = jax.random.split(key)
@@ -149,7 +145,7 @@ def _vector_functions(horizon: int, solvable_only: bool, num_envs: int):
         )
         final_obs = info.pop("final_observation")
         done = terminated | truncated
-        new_episode_info = jax.vmap(_reset_info, (0, None))(states, params)
+        new_episode_info = jax.vmap(grid_info, (0, None, None))(states, params, jnp.bool_(False))
         top_info = jax.tree.map(lambda new, old: jnp.where(done, new, old), new_episode_info, info)
         return key, obs, states, reward, terminated, truncated, top_info, info, final_obs
 
@@ -218,9 +214,69 @@ def _host_info(info) -> dict[str, Any]:
     return {"success": bool(info["success"]), **{k: int(info[k]) for k in INFO_KEYS[1:]}}
 
 
-class GridPinpadGymEnv(gymnasium.Env):
-    """gridworld-pinpad as a `gymnasium.Env` (no autoreset; `step` after the end is undefined, as
-    in gymnasium). `state` and `params` expose the JAX episode, e.g. for the expert policy."""
+class _SingleEnv(gymnasium.Env):
+    """One pure JAX pinpad behind gymnasium's API (no autoreset; `step` after the end is undefined,
+    as in gymnasium). `state` and `params` expose the JAX episode, e.g. for an expert policy.
+    Subclasses say which environment (`_functions`), which actions (`_validate`) and how to draw."""
+
+    episode_config = EpisodeConfig
+
+    def __init__(self, jax_env, render_mode: str | None, task, any_task: bool, solvable_only: bool):
+        if render_mode not in (None, *self.metadata["render_modes"]):
+            raise ValueError(f"render_mode {render_mode!r} not supported; use None or 'rgb_array'")
+        self.render_mode = render_mode
+        self.jax_env = jax_env
+        self.default_config = self.episode_config().with_options(
+            {"task": task, "any_task": any_task, "solvable_only": solvable_only}
+        )
+        self.state = None
+        self.params = None
+        self._key = None
+
+    def _functions(self, solvable_only: bool):
+        """The jitted (reset, step) of `_single_functions` for this environment."""
+        raise NotImplementedError
+
+    def _validate(self, action):
+        raise NotImplementedError
+
+    def _on_new_state(self, first: bool) -> None:
+        """Called after every reset (first=True) and step; for what rendering keeps."""
+
+    def _draw(self):
+        raise NotImplementedError
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        config = self.default_config.with_options(options)
+        self.params = config.params()
+        self._key, key_reset = jax.random.split(_jax_key(self.np_random))
+        obs, self.state, info = self._functions(config.solvable_only)[0](key_reset, self.params)
+        self._on_new_state(first=True)
+        obs, info = _to_host((obs, info))
+        return obs, _host_info(info)
+
+    def step(self, action):
+        if self.state is None:
+            raise gymnasium.error.ResetNeeded("call reset() before step()")
+        action = self._validate(action)
+        step = self._functions(False)[1]  # stepping never depends on solvable_only
+        self._key, obs, self.state, reward, terminated, truncated, info = step(self._key, self.state, action, self.params)
+        self._on_new_state(first=False)
+        obs, reward, terminated, truncated, info = _to_host((obs, reward, terminated, truncated, info))
+        return obs, float(reward), bool(terminated), bool(truncated), _host_info(info)
+
+    def render(self):
+        if self.render_mode is None:
+            gymnasium.logger.warn("render() called without a render_mode; make the env with render_mode='rgb_array'")
+            return None
+        if self.state is None:
+            raise gymnasium.error.ResetNeeded("call reset() before render()")
+        return self._draw()
+
+
+class GridPinpadGymEnv(_SingleEnv):
+    """gridworld-pinpad as a `gymnasium.Env`."""
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": RENDER_FPS}
 
@@ -232,46 +288,17 @@ class GridPinpadGymEnv(gymnasium.Env):
         solvable_only: bool = False,
         horizon: int = 100,
     ):
-        if render_mode not in (None, *self.metadata["render_modes"]):
-            raise ValueError(f"render_mode {render_mode!r} not supported; use None or 'rgb_array'")
-        self.render_mode = render_mode
-        self.jax_env = GridPinpad(horizon=horizon)
-        self.default_config = EpisodeConfig().with_options(
-            {"task": task, "any_task": any_task, "solvable_only": solvable_only}
-        )
+        super().__init__(GridPinpad(horizon=horizon), render_mode, task, any_task, solvable_only)
         self.observation_space = spaces.Box(0, 1, (OBS_DIM,), np.uint8)
         self.action_space = spaces.Discrete(NUM_ACTIONS)
-        self.state = None
-        self.params = None
-        self._key = None
-        self._step = _single_functions(horizon, False)[1]  # stepping never depends on solvable_only
 
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
-        super().reset(seed=seed)
-        config = self.default_config.with_options(options)
-        self.params = config.params()
-        reset = _single_functions(self.jax_env.horizon, config.solvable_only)[0]
-        self._key, key_reset = jax.random.split(_jax_key(self.np_random))
-        obs, self.state, info = reset(key_reset, self.params)
-        obs, info = _to_host((obs, info))
-        return obs, _host_info(info)
+    def _functions(self, solvable_only: bool):
+        return _single_functions(GridPinpad, grid_info, self.jax_env.horizon, solvable_only)
 
-    def step(self, action):
-        if self.state is None:
-            raise gymnasium.error.ResetNeeded("call reset() before step()")
-        action = validate_action(action)
-        self._key, obs, self.state, reward, terminated, truncated, info = self._step(
-            self._key, self.state, np.int32(action), self.params
-        )
-        obs, reward, terminated, truncated, info = _to_host((obs, reward, terminated, truncated, info))
-        return obs, float(reward), bool(terminated), bool(truncated), _host_info(info)
+    def _validate(self, action):
+        return np.int32(validate_action(action))
 
-    def render(self):
-        if self.render_mode is None:
-            gymnasium.logger.warn("render() called without a render_mode; make the env with render_mode='rgb_array'")
-            return None
-        if self.state is None:
-            raise gymnasium.error.ResetNeeded("call reset() before render()")
+    def _draw(self):
         return render_state(jax.device_get(self.state), jax.device_get(self.params))
 
 
@@ -407,23 +434,6 @@ def _ant_task_params(task: str | int, any_task: bool) -> pinpad.PinpadParams:
     return env.fixed_task_params(task)
 
 
-@functools.lru_cache(maxsize=None)
-def _ant_functions(horizon: int, solvable_only: bool):
-    from envs.ant_pinpad import AntPinpad, info as ant_info
-
-    env = AntPinpad(horizon=horizon, solvable_only=solvable_only)
-
-    def reset(key, params):
-        obs, state = env.reset(key, params)
-        return obs, state, ant_info(state, params, jnp.bool_(False))
-
-    def step(key, state, action, params):
-        key, key_step = jax.random.split(key)
-        return key, *env.step(key_step, state, action, params)
-
-    return jax.jit(reset), jax.jit(step)
-
-
 def validate_ant_action(action) -> np.ndarray:
     """One action as float32 [8], or a ValueError naming it."""
     valid = f"{ANT_ACTION_DIM} finite torques (Box(-1, 1, ({ANT_ACTION_DIM},)))"
@@ -438,10 +448,11 @@ def validate_ant_action(action) -> np.ndarray:
     return array
 
 
-class AntPinpadGymEnv(gymnasium.Env):
+class AntPinpadGymEnv(_SingleEnv):
     """One ant-pinpad (see envs/ant_pinpad.py) behind gymnasium's API."""
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 20}
+    episode_config = AntEpisodeConfig
 
     def __init__(
         self,
@@ -453,50 +464,26 @@ class AntPinpadGymEnv(gymnasium.Env):
     ):
         from envs.ant_pinpad import OBS_BOUND, OBS_DIM as ANT_OBS_DIM, AntPinpad
 
-        if render_mode not in (None, *self.metadata["render_modes"]):
-            raise ValueError(f"render_mode {render_mode!r} not supported; use None or 'rgb_array'")
-        self.render_mode = render_mode
-        self.jax_env = AntPinpad(horizon=horizon)
-        self.default_config = AntEpisodeConfig().with_options(
-            {"task": task, "any_task": any_task, "solvable_only": solvable_only}
-        )
+        super().__init__(AntPinpad(horizon=horizon), render_mode, task, any_task, solvable_only)
         self.observation_space = spaces.Box(-OBS_BOUND, OBS_BOUND, (ANT_OBS_DIM,), np.float32)
         self.action_space = spaces.Box(-1.0, 1.0, (ANT_ACTION_DIM,), np.float32)
-        self.state = None
-        self.params = None
-        self._key = None
         self._path = []  # torso x, y so far, for rendering
-        self._step = _ant_functions(horizon, False)[1]  # stepping never depends on solvable_only
 
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
-        super().reset(seed=seed)
-        config = self.default_config.with_options(options)
-        self.params = config.params()
-        reset = _ant_functions(self.jax_env.horizon, config.solvable_only)[0]
-        self._key, key_reset = jax.random.split(_jax_key(self.np_random))
-        obs, self.state, info = reset(key_reset, self.params)
-        obs, info = _to_host((obs, info))
-        self._path = [np.asarray(jax.device_get(self.state.body.qpos[:2]))]
-        return obs, _host_info(info)
+    def _functions(self, solvable_only: bool):
+        from envs.ant_pinpad import AntPinpad, info as ant_info
 
-    def step(self, action):
-        if self.state is None:
-            raise gymnasium.error.ResetNeeded("call reset() before step()")
-        action = validate_ant_action(action)
-        self._key, obs, self.state, reward, terminated, truncated, info = self._step(
-            self._key, self.state, action, self.params
-        )
-        obs, reward, terminated, truncated, info = _to_host((obs, reward, terminated, truncated, info))
-        if self.render_mode is not None:
+        return _single_functions(AntPinpad, ant_info, self.jax_env.horizon, solvable_only)
+
+    def _validate(self, action):
+        return validate_ant_action(action)
+
+    def _on_new_state(self, first: bool) -> None:
+        if first:
+            self._path = []
+        if first or self.render_mode is not None:
             self._path.append(np.asarray(jax.device_get(self.state.body.qpos[:2])))
-        return obs, float(reward), bool(terminated), bool(truncated), _host_info(info)
 
-    def render(self):
-        if self.render_mode is None:
-            gymnasium.logger.warn("render() called without a render_mode; make the env with render_mode='rgb_array'")
-            return None
-        if self.state is None:
-            raise gymnasium.error.ResetNeeded("call reset() before render()")
+    def _draw(self):
         from envs.render import ant_trajectory_frame
 
         state = jax.device_get(self.state)

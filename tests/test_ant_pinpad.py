@@ -291,6 +291,18 @@ def test_gymnasium_check_env_and_seeding():
         env.reset(options={"task": (0, 1)})
 
 
+def test_gymnasium_render_draws_the_torso_path_so_far():
+    env = gymnasium.make("hrl/AntPinpad-v0", render_mode="rgb_array")
+    env.reset(seed=0)
+    for _ in range(3):
+        env.step(env.action_space.sample())
+    assert len(env.unwrapped._path) == 4  # the start and one point per step
+    frame = env.render()
+    assert frame.dtype == np.uint8 and frame.ndim == 3 and frame.shape[2] == 3 and frame.std() > 0
+    env.reset(seed=1)
+    assert len(env.unwrapped._path) == 1  # a new episode starts a new path
+
+
 def test_goal_variant_success_radius():
     env = AntGoal()
     params = env.default_params
