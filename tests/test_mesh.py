@@ -19,6 +19,9 @@ from pathlib import Path
 
 import pytest
 
+# The two-device subprocess fixture runs once, not once per worker (pyproject: --dist loadgroup).
+pytestmark = pytest.mark.xdist_group("test_mesh")
+
 REPO = Path(__file__).resolve().parents[1]
 # float32 sums taken in another order on 2 devices, through a few Adam steps at a large learning rate
 TOLERANCE = dict(rtol=1e-3, atol=1e-4)
