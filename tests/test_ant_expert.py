@@ -33,7 +33,8 @@ from hrl.infra.checkpoint import Checkpointer
 from hrl.infra.config import ConfigError, load_config
 from hrl.infra.metrics import read_metrics
 
-# The trained-expert fixture runs once, not once per worker (pyproject: --dist loadgroup).
+# One worker runs this module (pyproject: --dist loadgroup) and its fixtures are session-scoped,
+# so the trained expert is made once even when other modules' tests run in between.
 pytestmark = pytest.mark.xdist_group("test_ant_expert")
 
 HORIZON = 20
@@ -49,12 +50,12 @@ TINY = [
 FINAL_STEP = 2  # iterations
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def config():
     return load_config(ExperimentConfig, "ant/quick", TINY)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def expert_runs(tmp_path_factory):
     """A runs directory whose ant_expert stage was run by `hrl train-expert` (default preset ant/quick)."""
     runs = tmp_path_factory.mktemp("ant_runs")
@@ -62,7 +63,7 @@ def expert_runs(tmp_path_factory):
     return runs
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def datasets(expert_runs, config):
     """(D, D*) collected by the ant's collect stage, which loads the trained expert."""
     run = run_collect(config, expert_runs)
@@ -106,7 +107,7 @@ def test_an_expert_run_without_its_completion_mark_resumes_from_its_checkpoint(e
     jax.tree.map(np.testing.assert_array_equal, resumed.params, straight.params)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def start(config):
     """The plain env, its params, and a reset state of it."""
     env = config.env.make()

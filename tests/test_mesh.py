@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-# The two-device subprocess fixture runs once, not once per worker (pyproject: --dist loadgroup).
+# One worker runs this module (pyproject: --dist loadgroup) and its fixture is session-scoped, so
+# the two-device subprocess runs once even when other modules' tests run in between.
 pytestmark = pytest.mark.xdist_group("test_mesh")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +47,7 @@ def run_script(*args: str, devices: int = 2, extra_env: dict | None = None, time
 # --- single process, 2 devices
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def sharded_vs_single():
     """{algorithm: report} from one fresh Python with 2 devices (one jax start for all checks)."""
     lines = [line for line in run_script("equivalence", timeout=480).splitlines() if line.startswith("{")]
