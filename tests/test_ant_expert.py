@@ -33,10 +33,6 @@ from hrl.infra.checkpoint import Checkpointer
 from hrl.infra.config import ConfigError, load_config
 from hrl.infra.metrics import read_metrics
 
-# One worker runs this module (pyproject: --dist loadgroup) and its fixtures are session-scoped,
-# so the trained expert is made once even when other modules' tests run in between.
-pytestmark = pytest.mark.xdist_group("test_ant_expert")
-
 HORIZON = 20
 # Seconds of running on a CPU (minutes of compiling): 8 ants x 8 steps per iteration, 2 iterations
 # in chunks of 1, 2 evaluation episodes; short episodes and a handful of them for the datasets.

@@ -19,10 +19,6 @@ from pathlib import Path
 
 import pytest
 
-# One worker runs this module (pyproject: --dist loadgroup) and its fixture is session-scoped, so
-# the two-device subprocess runs once even when other modules' tests run in between.
-pytestmark = pytest.mark.xdist_group("test_mesh")
-
 REPO = Path(__file__).resolve().parents[1]
 # float32 sums taken in another order on 2 devices, through a few Adam steps at a large learning rate
 TOLERANCE = dict(rtol=1e-3, atol=1e-4)
@@ -47,20 +43,19 @@ def run_script(*args: str, devices: int = 2, extra_env: dict | None = None, time
 # --- single process, 2 devices
 
 
-@pytest.fixture(scope="session")
-def sharded_vs_single():
-    """{algorithm: report} from one fresh Python with 2 devices (one jax start for all checks)."""
+def test_a_sharded_chunk_gives_the_single_device_losses_and_parameters():
+    """One fresh Python with 2 devices checks every algorithm: one jax start, and one test rather
+    than one per algorithm, which the pytest workers would split and so start twice. It also
+    refuses a batch that the devices do not divide."""
     lines = [line for line in run_script("equivalence", timeout=480).splitlines() if line.startswith("{")]
-    return {report["algorithm"]: report for report in map(json.loads, lines)}
-
-
-@pytest.mark.parametrize("algorithm", ["pretrain", "discovery", "internal_rl", "bc", "crl", "ppo"])
-def test_a_sharded_chunk_gives_the_single_device_losses_and_parameters(sharded_vs_single, algorithm):
-    report = sharded_vs_single[algorithm]
-    assert report["devices"] == 2 and report["params_devices"] == 2  # the state is replicated on both
-    assert report["batch_sharded"] and report["all_reduce"]  # the batch really is split over the devices
-    assert report["metrics_close"] and report["params_close"], report
-    assert report["params_changed"]  # the comparison is of a state that trained
+    reports = {report["algorithm"]: report for report in map(json.loads, lines)}
+    assert reports.pop("indivisible")["error"].startswith("mesh.devices: must divide the batch")
+    assert sorted(reports) == sorted(["pretrain", "discovery", "internal_rl", "bc", "crl", "ppo"])
+    for algorithm, report in reports.items():
+        assert report["devices"] == 2 and report["params_devices"] == 2, algorithm  # the state is on both
+        assert report["batch_sharded"] and report["all_reduce"], algorithm  # the batch really is split
+        assert report["metrics_close"] and report["params_close"], report
+        assert report["params_changed"], algorithm  # the comparison is of a state that trained
 
 
 def test_the_mesh_config_is_validated_and_one_device_means_no_mesh():
@@ -85,10 +80,6 @@ def test_mesh_is_an_experiment_setting_that_no_stage_records():
     assert not any("mesh" in sections for sections in STAGE_SECTIONS.values())
     with pytest.raises(ConfigError, match="mesh.devices"):
         load_config(ExperimentConfig, "gridworld/quick", ["mesh.devices=-2"])
-
-
-def test_a_batch_that_the_devices_do_not_divide_is_refused(sharded_vs_single):
-    assert sharded_vs_single["indivisible"]["error"].startswith("mesh.devices: must divide the batch")
 
 
 # --- 2 processes
