@@ -2,8 +2,9 @@
 MJX ant), its loader (Gaussian mean for D*, samples for D), the ant's collect stage (D and D* of
 the 16 pretraining tasks with plain observations), and the grid's refusal.
 
-Compilation of the MJX programs dominates the time, so the trained stage is a module fixture that
-every test reads, and the ant's datasets are collected once."""
+Compilation of the MJX programs dominates the time, so the trained stage is a session fixture that
+every test reads (a pytest worker builds it once, whatever other modules it runs in between), and
+the ant's datasets are collected once."""
 
 import shutil
 
