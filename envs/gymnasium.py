@@ -232,6 +232,7 @@ class _SingleEnv(gymnasium.Env):
         self.state = None
         self.params = None
         self._key = None
+        self._step = self._functions(False)[1]  # stepping never depends on solvable_only
 
     def _functions(self, solvable_only: bool):
         """The jitted (reset, step) of `_single_functions` for this environment."""
@@ -260,8 +261,9 @@ class _SingleEnv(gymnasium.Env):
         if self.state is None:
             raise gymnasium.error.ResetNeeded("call reset() before step()")
         action = self._validate(action)
-        step = self._functions(False)[1]  # stepping never depends on solvable_only
-        self._key, obs, self.state, reward, terminated, truncated, info = step(self._key, self.state, action, self.params)
+        self._key, obs, self.state, reward, terminated, truncated, info = self._step(
+            self._key, self.state, action, self.params
+        )
         self._on_new_state(first=False)
         obs, reward, terminated, truncated, info = _to_host((obs, reward, terminated, truncated, info))
         return obs, float(reward), bool(terminated), bool(truncated), _host_info(info)

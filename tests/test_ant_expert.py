@@ -236,7 +236,7 @@ def test_every_later_stage_runs_on_the_ant_through_its_preset(expert_runs, tmp_p
 
 
 def test_the_rl_figure_divides_by_the_experts_post_training_success(tmp_path):
-    from hrl.analysis.figures import expert_posttrain_success, rl_success_figure
+    from hrl.analysis.figures import expert_posttrain_success, rl_success_figure, success_band
     from hrl.infra.metrics import MetricsWriter
     from hrl.infra.rundir import RunDir
 
@@ -252,4 +252,7 @@ def test_the_rl_figure_divides_by_the_experts_post_training_success(tmp_path):
     assert expert_posttrain_success(tmp_path, "ant_quick", [0]) is None  # no trained expert: success as it is
     complete("ant_expert", {"posttrain_success_rate": 0.7})
     assert expert_posttrain_success(tmp_path, "ant_quick", [0]) == 0.7
+    band = success_band(tmp_path, "ant_quick", "internal_rl", [0], scale=0.7)
+    np.testing.assert_allclose(band.median, [0.1 / 0.7, 0.5])
+    assert band.num_seeds == 1
     assert rl_success_figure(tmp_path, "ant_quick", [0]).is_file()

@@ -9,7 +9,7 @@ and writes `runs/<experiment>/figures/<name>.png`. `experiments/` holds one scri
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -183,6 +183,31 @@ def expert_posttrain_success(runs_dir: str | Path, experiment: str, seeds: list[
     return success or None
 
 
+class SuccessBand(NamedTuple):
+    episodes: np.ndarray  # the first complete seed's logged training episodes
+    low: np.ndarray  # 25th, 50th and 75th percentile over the seeds
+    median: np.ndarray
+    high: np.ndarray
+    num_seeds: int
+
+
+def success_band(runs_dir: str | Path, experiment: str, stage: str, seeds: list[int], scale: float = 1.0
+                 ) -> SuccessBand | None:
+    """Success / scale of one RL method of `RL_METHODS` against training episodes, over the seeds
+    whose run is complete; None without a logged run."""
+    metric = RL_METHODS[stage][2]
+    try:
+        complete = completed_summaries(runs_dir, experiment, stage, seeds)
+    except FileNotFoundError:
+        return None
+    curves = [success_curve(RunDir.path_for(runs_dir, experiment, stage, seed), metric) for seed in complete]
+    grid = curves[0][0]
+    if len(grid) == 0:
+        return None
+    values = np.stack([np.interp(grid, episodes, success) for episodes, success in curves]) / scale
+    return SuccessBand(grid, *np.percentile(values, [25, 50, 75], axis=0), num_seeds=len(curves))
+
+
 def rl_success_figure(runs_dir: str | Path, experiment: str, seeds: list[int]) -> Path:
     """Post-training success against training episodes, median and interquartile range over the
     seeds, per method (paper Fig. 8): internal RL, raw-action GRPO, the beta = 1 and co-trained
@@ -192,19 +217,13 @@ def rl_success_figure(runs_dir: str | Path, experiment: str, seeds: list[int]) -
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
     drawn = 0
-    for stage, (label, colour, metric) in RL_METHODS.items():
-        try:
-            complete = completed_summaries(runs_dir, experiment, stage, seeds)
-        except FileNotFoundError:
+    for stage, (label, colour, _) in RL_METHODS.items():
+        band = success_band(runs_dir, experiment, stage, seeds, expert or 1.0)
+        if band is None:
             continue
-        curves = [success_curve(RunDir.path_for(runs_dir, experiment, stage, seed), metric) for seed in complete]
-        grid = curves[0][0]
-        if len(grid) == 0:
-            continue
-        values = np.stack([np.interp(grid, episodes, success) for episodes, success in curves]) / (expert or 1.0)
-        low, median, high = np.percentile(values, [25, 50, 75], axis=0)
-        ax.plot(grid, median, color=colour, linewidth=2, label=f"{label} ({len(curves)} seed{'s' if len(curves) > 1 else ''})")
-        ax.fill_between(grid, low, high, color=colour, alpha=0.2)
+        plural = "s" if band.num_seeds > 1 else ""
+        ax.plot(band.episodes, band.median, color=colour, linewidth=2, label=f"{label} ({band.num_seeds} seed{plural})")
+        ax.fill_between(band.episodes, band.low, band.high, color=colour, alpha=0.2)
         drawn += 1
     if not drawn:
         raise FileNotFoundError(f"no complete RL run of {experiment} in {runs_dir} for seeds {seeds}")
