@@ -121,15 +121,16 @@ def visit(
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Applies the visit of `colour` (-1: no visit this step).
 
-    Returns (alive, progress, success, failure). `progress` counts colours correctly visited.
+    Returns (alive, progress, success, failure). `progress` counts colours correctly visited: a
+    wrong colour ends the episode without adding to it.
     """
     visited = colour >= 0
     expected = tasks.colours[:, jnp.minimum(progress, tasks.colours.shape[1] - 1)]
     still_alive = alive & (expected == colour)
     new_alive = jnp.where(visited, still_alive, alive)
-    new_progress = progress + visited.astype(jnp.int32)
-    success = visited & jnp.any(new_alive & (tasks.lengths == new_progress))
     failure = visited & ~jnp.any(new_alive)
+    new_progress = progress + (visited & ~failure).astype(jnp.int32)
+    success = visited & jnp.any(new_alive & (tasks.lengths == new_progress))
     return new_alive, new_progress, success, failure
 
 

@@ -109,7 +109,7 @@ def rollout(env):
 def test_a_push_onto_the_wrong_colour_fails_and_onto_the_right_one_advances(env, step):
     # From the start cell's top edge, moving up at 4 m/s: the torso enters colour 0's cell.
     x, y = centre(START)[0], 2.0 - 0.05
-    for task, (reward, terminated, progress) in [(0, (0.0, False, 1)), (7, (0.0, True, 1))]:
+    for task, (reward, terminated, progress) in [(0, (0.0, False, 1)), (7, (0.0, True, 0))]:
         params = env.fixed_task_params(task)  # task 0 is 0-3-2, task 7 is 1-0-2
         state = make_state(params, body(x, y, vy=4.0), task=0)
         obs, after, r, term, trunc, info = step(KEY, state, jnp.zeros(8), params)
@@ -156,7 +156,7 @@ def test_visit_rule_counts_entering_from_another_cell_only(env, transition):
         (c0 + 0.5, 1, False),  # walk around inside it: no new visit
         (c0 - 0.5, 1, False),
         (centre(START), 1, False),  # leave to an empty cell
-        (c0, 2, True),  # re-enter colour 0: a visit, and 0 is not next (3 is): failure
+        (c0, 1, True),  # re-enter colour 0: a visit, and 0 is not next (3 is): failure, no progress
     ]
     state = make_state(params, body(*centre(START)))
     for xy, progress, ends in path:

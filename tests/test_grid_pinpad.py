@@ -95,7 +95,7 @@ def test_wrong_colour_ends_the_episode_as_failure(env, a_c_a):
     outcomes, _ = play(env, make_state(a_c_a), a_c_a, [RIGHT, UP, RIGHT])  # 0, then 4 before 1
     (r1, t1, _, _), _, (r3, t3, tr3, info3) = outcomes
     assert not t1 and t3 and not tr3
-    assert r3 == 0.0 and info3["success"] == 0 and info3["progress"] == 2
+    assert r3 == 0.0 and info3["success"] == 0 and info3["progress"] == 1  # the wrong colour does not count
 
 
 def test_standing_on_a_colour_does_not_visit_it_again(env, a_c_a):
