@@ -1,6 +1,9 @@
 """Fixtures shared by the tests of the stages that read a pretrained base model (probe, controllers, discovery)."""
 
+import getpass
 import shutil
+import tempfile
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -10,6 +13,12 @@ from hrl.algos import pretrain
 from hrl.data.expert import load_dataset
 from hrl.experiment import EXPERT_DATA_CLEAN, ExperimentConfig, load_base_model, run_collect, run_pretrain
 from hrl.infra.config import load_config
+
+# Most of the suite's time is XLA compiling: several tests build the same tiny stages, on two pytest
+# workers. A persistent compilation cache shared by the workers compiles each program once (JAX keys
+# it by the program, the compile options and its own version, so a stale entry is never used).
+jax.config.update("jax_compilation_cache_dir", str(Path(tempfile.gettempdir()) / f"hrl-tests-jax-cache-{getpass.getuser()}"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 # Seconds on a CPU: short episodes, a one-block transformer, a few updates of each stage. epsilon 0
 # makes D and D* come from one expert, so that their collection compiles once.
