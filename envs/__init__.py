@@ -88,8 +88,8 @@ register("AntPinpadExpert-v0", _ant_pinpad_expert)
 
 
 def _register_with_gymnasium() -> None:
-    """Makes `gymnasium.make("hrl/GridPinpad-v0")`, `gymnasium.make_vec(...)` and
-    `gymnasium.make("hrl/AntPinpad-v0")` work after `import envs`. The adapters
+    """Makes `gymnasium.make` and `gymnasium.make_vec` of "hrl/GridPinpad-v0" and "hrl/AntPinpad-v0"
+    work after `import envs`. The adapters
     (envs/gymnasium.py) load only when an environment is made."""
     import gymnasium
 
@@ -100,7 +100,11 @@ def _register_with_gymnasium() -> None:
             vector_entry_point="envs.gymnasium:GridPinpadVectorEnv",
         )
     if "hrl/AntPinpad-v0" not in gymnasium.registry:
-        gymnasium.register(id="hrl/AntPinpad-v0", entry_point="envs.gymnasium:AntPinpadGymEnv")
+        gymnasium.register(
+            id="hrl/AntPinpad-v0",
+            entry_point="envs.gymnasium:AntPinpadGymEnv",
+            vector_entry_point="envs.gymnasium:AntPinpadVectorEnv",
+        )
 
 
 _register_with_gymnasium()

@@ -1,9 +1,10 @@
-"""Gymnasium 1.x adapters of gridworld-pinpad (a single environment and a batched vector one) and of
-ant-pinpad (a single environment, "hrl/AntPinpad-v0": see the section at the end of this file).
+"""Gymnasium 1.x adapters of gridworld-pinpad and of ant-pinpad ("hrl/AntPinpad-v0": see the section
+at the end of this file), each as a single environment and as a batched vector one.
 
     import envs, gymnasium
     env = gymnasium.make("hrl/GridPinpad-v0", task="posttrain", solvable_only=True)
     vec = gymnasium.make_vec("hrl/GridPinpad-v0", num_envs=1024)
+    ants = gymnasium.make_vec("hrl/AntPinpad-v0", num_envs=64)
 
 Both run the pure JAX environment under `jax.jit` and return numpy arrays. They are for tools
 that speak gymnasium; JAX training code should use the functional API (`envs.make`) directly, which
@@ -130,13 +131,14 @@ def _single_functions(env_class: type, info_of: Callable, horizon: int, solvable
 
 
 @functools.lru_cache(maxsize=None)
-def _vector_functions(horizon: int, solvable_only: bool, num_envs: int):
-    env = GridPinpad(horizon=horizon, solvable_only=solvable_only)
-    batched = VmapAutoReset(env, num_envs)
+def _vector_functions(env_class: type, info_of: Callable, horizon: int, solvable_only: bool, num_envs: int):
+    """The jitted reset and step of `num_envs` `env_class` environments with same-step autoreset."""
+    batched = VmapAutoReset(env_class(horizon=horizon, solvable_only=solvable_only), num_envs)
+    first_info = jax.vmap(info_of, (0, None, None))
 
     def reset(key, params):
         obs, states = batched.reset(jax.random.split(key, num_envs), params)
-        return obs, states, jax.vmap(grid_info, (0, None, None))(states, params, jnp.bool_(False))
+        return obs, states, first_info(states, params, jnp.bool_(False))
 
     def step(key, states, actions, params):
         key, key_step = jax.random.split(key)
@@ -145,8 +147,7 @@ def _vector_functions(horizon: int, solvable_only: bool, num_envs: int):
         )
         final_obs = info.pop("final_observation")
         done = terminated | truncated
-        new_episode_info = jax.vmap(grid_info, (0, None, None))(states, params, jnp.bool_(False))
-        top_info = jax.tree.map(lambda new, old: jnp.where(done, new, old), new_episode_info, info)
+        top_info = jax.tree.map(lambda new, old: jnp.where(done, new, old), first_info(states, params, jnp.bool_(False)), info)
         return key, obs, states, reward, terminated, truncated, top_info, info, final_obs
 
     return jax.jit(reset), jax.jit(step)
@@ -312,42 +313,43 @@ def _with_masks(info: dict[str, np.ndarray], mask: np.ndarray) -> dict[str, np.n
     return {**info, **{f"_{key}": mask.copy() for key in info}}
 
 
-class GridPinpadVectorEnv(gymnasium.vector.VectorEnv):
-    """`num_envs` gridworld-pinpads stepped together in one jitted call, with same-step autoreset
-    (see the module docstring). Resets go through `envs.wrappers.VmapAutoReset`."""
+class _VectorEnv(gymnasium.vector.VectorEnv):
+    """`num_envs` pure JAX pinpads stepped together in one jitted call, with same-step autoreset
+    (see the module docstring) through `envs.wrappers.VmapAutoReset`. Subclasses say which
+    environment (`_functions`), which actions (`_validate`) and how to draw one state."""
 
-    metadata = {"render_modes": ["rgb_array"], "render_fps": RENDER_FPS, "autoreset_mode": AutoresetMode.SAME_STEP}
+    episode_config = EpisodeConfig
 
-    def __init__(
-        self,
-        num_envs: int,
-        render_mode: str | None = None,
-        task: str | int = "pretrain",
-        any_task: bool = False,
-        solvable_only: bool = False,
-        horizon: int = 100,
-    ):
+    def __init__(self, jax_env, num_envs: int, render_mode: str | None, task, any_task: bool, solvable_only: bool,
+                 single_observation_space: spaces.Space, single_action_space: spaces.Space):
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
         if render_mode not in (None, *self.metadata["render_modes"]):
             raise ValueError(f"render_mode {render_mode!r} not supported; use None or 'rgb_array'")
         self.num_envs = num_envs
         self.render_mode = render_mode
-        self.jax_env = GridPinpad(horizon=horizon)
-        self.default_config = EpisodeConfig().with_options(
+        self.jax_env = jax_env
+        self.default_config = self.episode_config().with_options(
             {"task": task, "any_task": any_task, "solvable_only": solvable_only}
         )
-        self.single_observation_space = spaces.Box(0, 1, (OBS_DIM,), np.uint8)
-        self.single_action_space = spaces.Discrete(NUM_ACTIONS)
-        self.observation_space = batch_space(self.single_observation_space, num_envs)
-        self.action_space = batch_space(self.single_action_space, num_envs)
+        self.single_observation_space = single_observation_space
+        self.single_action_space = single_action_space
+        self.observation_space = batch_space(single_observation_space, num_envs)
+        self.action_space = batch_space(single_action_space, num_envs)
         self.states = None
         self.params = None
         self.config = self.default_config
         self._key = None
 
     def _functions(self):
-        return _vector_functions(self.jax_env.horizon, self.config.solvable_only, self.num_envs)
+        """The jitted (reset, step) of `_vector_functions` for this environment."""
+        raise NotImplementedError
+
+    def _validate(self, actions):
+        raise NotImplementedError
+
+    def _draw(self, state, params):
+        raise NotImplementedError
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
@@ -361,7 +363,7 @@ class GridPinpadVectorEnv(gymnasium.vector.VectorEnv):
     def step(self, actions):
         if self.states is None:
             raise gymnasium.error.ResetNeeded("call reset() before step()")
-        actions = validate_actions(actions, self.num_envs)
+        actions = self._validate(actions)
         self._key, obs, self.states, *outputs = self._functions()[1](self._key, self.states, actions, self.params)
         obs, reward, terminated, truncated, info, final_info, final_obs = _to_host((obs, *outputs))
         infos = _with_masks(info, np.ones(self.num_envs, bool))
@@ -382,13 +384,40 @@ class GridPinpadVectorEnv(gymnasium.vector.VectorEnv):
         if self.states is None:
             raise gymnasium.error.ResetNeeded("call reset() before render()")
         states, params = jax.device_get((self.states, self.params))
-        return tuple(render_state(jax.tree.map(lambda x: x[i], states), params) for i in range(self.num_envs))
+        return tuple(self._draw(jax.tree.map(lambda x: x[i], states), params) for i in range(self.num_envs))
 
 
+class GridPinpadVectorEnv(_VectorEnv):
+    """`num_envs` gridworld-pinpads as a `gymnasium.vector.VectorEnv`."""
 
-# --- ant-pinpad: a single environment
+    metadata = {"render_modes": ["rgb_array"], "render_fps": RENDER_FPS, "autoreset_mode": AutoresetMode.SAME_STEP}
+
+    def __init__(
+        self,
+        num_envs: int,
+        render_mode: str | None = None,
+        task: str | int = "pretrain",
+        any_task: bool = False,
+        solvable_only: bool = False,
+        horizon: int = 100,
+    ):
+        super().__init__(GridPinpad(horizon=horizon), num_envs, render_mode, task, any_task, solvable_only,
+                         spaces.Box(0, 1, (OBS_DIM,), np.uint8), spaces.Discrete(NUM_ACTIONS))
+
+    def _functions(self):
+        return _vector_functions(GridPinpad, grid_info, self.jax_env.horizon, self.config.solvable_only, self.num_envs)
+
+    def _validate(self, actions):
+        return validate_actions(actions, self.num_envs)
+
+    def _draw(self, state, params):
+        return render_state(state, params)
+
+
+# --- ant-pinpad: a single environment and a vector one
 #
-# `gymnasium.make("hrl/AntPinpad-v0", task="posttrain")`. The same episode configuration as the
+# `gymnasium.make("hrl/AntPinpad-v0", task="posttrain")`, or `gymnasium.make_vec("hrl/AntPinpad-v0",
+# num_envs=64)` with the grid's same-step autoreset and without rendering. The same episode configuration as the
 # grid's (task "pretrain" | "posttrain" | a pretraining task index 0..15 or colour tuple such as
 # (0, 3, 2); any_task; solvable_only), the same seeding (JAX keys drawn from `np_random`), one
 # jitted reset and step on the host's side of each call. Actions: 8 float torques in [-1, 1]; a
@@ -436,18 +465,28 @@ def _ant_task_params(task: str | int, any_task: bool) -> pinpad.PinpadParams:
     return env.fixed_task_params(task)
 
 
+def _as_torques(actions, shape: tuple[int, ...], valid: str) -> np.ndarray:
+    """`actions` as float32 of `shape`, refusing what does not convert, a wrong shape or a non-finite value."""
+    try:
+        array = np.asarray(actions, dtype=np.float32)
+    except (TypeError, ValueError) as err:
+        raise _action_error(actions, f"not convertible to a float array ({err})", valid) from None
+    if array.shape != shape:
+        raise _action_error(actions, f"has shape {array.shape}", valid)
+    if not np.all(np.isfinite(array)):
+        raise _action_error(actions, "not finite", valid)
+    return array
+
+
 def validate_ant_action(action) -> np.ndarray:
     """One action as float32 [8], or a ValueError naming it."""
-    valid = f"{ANT_ACTION_DIM} finite torques (Box(-1, 1, ({ANT_ACTION_DIM},)))"
-    try:
-        array = np.asarray(action, dtype=np.float32)
-    except (TypeError, ValueError) as err:
-        raise _action_error(action, f"not convertible to a float array ({err})", valid) from None
-    if array.shape != (ANT_ACTION_DIM,):
-        raise _action_error(action, f"has shape {array.shape}", valid)
-    if not np.all(np.isfinite(array)):
-        raise _action_error(action, "not finite", valid)
-    return array
+    return _as_torques(action, (ANT_ACTION_DIM,), f"{ANT_ACTION_DIM} finite torques (Box(-1, 1, ({ANT_ACTION_DIM},)))")
+
+
+def validate_ant_actions(actions, num_envs: int) -> np.ndarray:
+    """A batch of actions as float32 [num_envs, 8], or a ValueError naming it."""
+    valid = f"{num_envs} x {ANT_ACTION_DIM} finite torques (Box(-1, 1, ({num_envs}, {ANT_ACTION_DIM})))"
+    return _as_torques(actions, (num_envs, ANT_ACTION_DIM), valid)
 
 
 class AntPinpadGymEnv(_SingleEnv):
@@ -490,3 +529,33 @@ class AntPinpadGymEnv(_SingleEnv):
 
         state = jax.device_get(self.state)
         return ant_trajectory_frame(np.stack(self._path), state.colour_cells, state.wall_cells, f"t {int(state.t)}")
+
+
+class AntPinpadVectorEnv(_VectorEnv):
+    """`num_envs` ant-pinpads as a `gymnasium.vector.VectorEnv`: one jitted call steps them all (the
+    physics of every ant in one MJX batch). No rendering: draw one episode with AntPinpadGymEnv."""
+
+    metadata = {"render_modes": [], "autoreset_mode": AutoresetMode.SAME_STEP}
+    episode_config = AntEpisodeConfig
+
+    def __init__(
+        self,
+        num_envs: int,
+        task: str | int | tuple = "pretrain",
+        any_task: bool = False,
+        solvable_only: bool = False,
+        horizon: int = 500,
+    ):
+        from envs.ant_pinpad import OBS_BOUND, OBS_DIM as ANT_OBS_DIM, AntPinpad
+
+        super().__init__(AntPinpad(horizon=horizon), num_envs, None, task, any_task, solvable_only,
+                         spaces.Box(-OBS_BOUND, OBS_BOUND, (ANT_OBS_DIM,), np.float32),
+                         spaces.Box(-1.0, 1.0, (ANT_ACTION_DIM,), np.float32))
+
+    def _functions(self):
+        from envs.ant_pinpad import AntPinpad, info as ant_info
+
+        return _vector_functions(AntPinpad, ant_info, self.jax_env.horizon, self.config.solvable_only, self.num_envs)
+
+    def _validate(self, actions):
+        return validate_ant_actions(actions, self.num_envs)

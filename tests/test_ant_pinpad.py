@@ -29,6 +29,7 @@ from envs.ant_pinpad import (
     home_pose,
     task_is_solvable,
 )
+from envs.gymnasium import AntPinpadVectorEnv
 from envs.render import plot_ant_trajectory
 
 KEY = jax.random.key(0)
@@ -289,6 +290,30 @@ def test_gymnasium_check_env_and_seeding():
         env.step(np.zeros(3))
     with pytest.raises(ValueError, match="invalid task"):
         env.reset(options={"task": (0, 1)})
+
+
+def test_gymnasium_vector_env_steps_every_ant_and_autoresets_in_the_same_step():
+    def run(seed):
+        vec = gymnasium.make_vec("hrl/AntPinpad-v0", num_envs=2, task="posttrain", horizon=2)
+        out = [vec.reset(seed=seed)[0]]
+        for _ in range(2):
+            obs, reward, terminated, truncated, info = vec.step(np.zeros((2, 8)))
+            out.append(obs)
+        return vec, np.stack(out), terminated, truncated, info
+
+    vec, trajectory, terminated, truncated, info = run(5)
+    assert isinstance(vec.unwrapped, AntPinpadVectorEnv) and trajectory.shape == (3, 2, OBS_DIM)
+    assert trajectory.dtype == np.float32 and trajectory[0] in vec.observation_space
+    np.testing.assert_array_equal(trajectory, run(5)[1])
+    # The horizon of 2 truncates both episodes at the second step: the returned observations start
+    # new episodes, the final ones continue the old.
+    assert truncated.all() and not terminated.any() and info["_final_obs"].all()
+    assert not np.array_equal(trajectory[2], info["final_obs"][0]) and (info["progress"] == 0).all()
+    assert info["final_obs"][0].shape == (OBS_DIM,) and set(info["final_info"]) >= {"success", "_success"}
+    with pytest.raises(ValueError, match=r"invalid action .*has shape \(8,\)"):
+        vec.step(np.zeros(8))
+    with pytest.raises(ValueError, match="(?s)invalid action .*not finite"):
+        vec.step(np.full((2, 8), np.nan))
 
 
 def test_gymnasium_render_draws_the_torso_path_so_far():
