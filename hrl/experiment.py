@@ -648,10 +648,11 @@ def train_seeds(config: ExperimentConfig, runs_dir: str | Path, stage: str, seed
     """Train `stage` for every seed whose run is not complete, each into its own run directory.
 
     One seed trains as it always has, from `make_chunk(frozen, mesh)` and `make_evaluate(frozen,
-    eval_key)` of its parts. Several are one vmapped program (`hrl.infra.loop.vmap_seeds`): the
-    seeds' frozen modules and keys are stacked along a leading axis, so seed k still acts with its
-    own upstream (its base model, its metacontroller) and its numbers match a run of its own up to
-    float rounding. On a 2-core CPU the small models are overhead-bound, so seeds come almost free.
+    eval_key)` of its parts, and so does each seed in turn over a device mesh. Several seeds
+    without a mesh are one vmapped program (`hrl.infra.loop.vmap_seeds`): the seeds' frozen modules
+    and keys are stacked along a leading axis, so seed k still acts with its own upstream (its base
+    model, its metacontroller) and its numbers match a run of its own up to float rounding. On a
+    2-core CPU the small models are overhead-bound, so seeds come almost free.
     """
     seeded = [with_seed(config, seed) for seed in (seeds if seeds is not None else [config.run.seed])]
     runs = [stage_run_dir(seed_config, runs_dir, stage, overwrite) for seed_config in seeded]
@@ -662,14 +663,13 @@ def train_seeds(config: ExperimentConfig, runs_dir: str | Path, stage: str, seed
     if not pending:
         return runs
     mesh = build_mesh(config.mesh)
-    check(len(pending) == 1 or mesh is None, "mesh.devices", "must be 1 when several seeds train together",
-          config.mesh.devices)
     seed_parts = [parts(seed_config) for seed_config, _ in pending]
     loop_args = dict(steps_per_chunk=steps_per_chunk, loop=config.loop, description=stage, mesh=mesh)
-    if len(pending) == 1:
-        (part,), ((_, run),) = seed_parts, pending
+    if len(pending) == 1 or mesh is not None:
+        # Over a mesh, each seed's batch is split over every device, one seed after another.
         results = [run_training(run, part.initial_state, make_chunk(part.frozen, mesh), num_chunks,
-                                evaluate=make_evaluate(part.frozen, part.eval_key), **loop_args)]
+                                evaluate=make_evaluate(part.frozen, part.eval_key), **loop_args)
+                   for part, (_, run) in zip(seed_parts, pending)]
     else:
         constants = stack_seeds([(part.frozen, part.eval_key) for part in seed_parts])  # nnx modules are pytrees
         results = run_training_seeds(

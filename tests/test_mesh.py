@@ -91,7 +91,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_train_a_tiny_stage_and_leave_one_set_of_logs(tmp_path):
+def test_two_processes_train_tiny_stages_and_leave_one_set_of_logs(tmp_path):
     address = f"127.0.0.1:{free_port()}"
     processes = [run_script("multihost", str(tmp_path), devices=1, wait=False,
                             extra_env={"JAX_COORDINATOR_ADDRESS": address, "HRL_NUM_PROCESSES": "2",
@@ -110,6 +110,8 @@ def test_two_processes_train_a_tiny_stage_and_leave_one_set_of_logs(tmp_path):
     # Both loops computed the logged loss: one global computation, not two runs.
     assert reports[0]["loss"] == reports[1]["loss"] == records[-1]["loss"]
     assert (run / "complete").is_file() and (run / "config.yaml").is_file()
+    for seed in (0, 1):  # several seeds over the mesh: one after another
+        assert (tmp_path / "tiny" / "grpo" / f"seed_{seed}" / "complete").is_file()
     assert not list(run.glob("*.tmp"))
     assert sorted(path.name for path in (run / "checkpoints").iterdir() if path.name.isdigit()) == ["2", "4"]
 
@@ -315,7 +317,8 @@ def _indivisible_error(mesh) -> str | None:
 
 def _multihost(runs_dir: str) -> None:
     """Process `HRL_PROCESS_ID` of 2: join the other, run the tiny pretraining stage with the
-    batch split over both processes' devices, print what its own host loop computed."""
+    batch split over both processes' devices, print what its own host loop computed; then a
+    second pretrained seed and GRPO for both seeds over the same mesh."""
     from hrl.infra.mesh import initialize_distributed
 
     assert initialize_distributed()  # before anything else touches jax
@@ -332,10 +335,14 @@ def _multihost(runs_dir: str) -> None:
     experiment.run_training = lambda *args, **kwargs: results.append(run_training(*args, **kwargs)) or results[-1]
     overrides = [*TINY_BASE, "pretrain.num_updates=4", "pretrain.batch_size=4", "mesh.devices=0",
                  "loop.checkpoint_every=1"]
-    experiment.run_pretrain(load_config(experiment.ExperimentConfig, "gridworld/quick", overrides), runs_dir)
+    config = load_config(experiment.ExperimentConfig, "gridworld/quick", overrides)
+    experiment.run_pretrain(config, runs_dir)
+    loss = results[0].summary["metrics"]["loss"]
+    # Several seeds of a stage over the mesh (one after another), as `hrl pipeline` runs them.
+    experiment.run_pretrain(experiment.with_seed(config, 1), runs_dir)
+    experiment.run_grpo(config, runs_dir, seeds=[0, 1])
     print(json.dumps({"process": jax.process_index(), "global_devices": jax.device_count(),
-                      "local_devices": jax.local_device_count(), "loss": results[0].summary["metrics"]["loss"]}),
-          flush=True)
+                      "local_devices": jax.local_device_count(), "loss": loss}), flush=True)
 
 
 if __name__ == "__main__":
