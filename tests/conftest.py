@@ -1,6 +1,7 @@
 """Fixtures shared by the tests of the stages that read a pretrained base model (probe, controllers, discovery)."""
 
 import getpass
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -14,9 +15,13 @@ from hrl.data.expert import load_dataset
 from hrl.experiment import EXPERT_DATA_CLEAN, ExperimentConfig, load_base_model, run_collect, run_pretrain
 from hrl.infra.config import load_config
 
-# Most of the suite's time is XLA compiling: several tests build the same tiny stages, on two pytest
-# workers. A persistent compilation cache shared by the workers compiles each program once (JAX keys
-# it by the program, the compile options and its own version, so a stale entry is never used).
+# Most of the suite's time is XLA compiling tiny programs. Without the backend's optimisations it
+# compiles about 30% faster (the ant's stages: 170 s -> 122 s), and the programs run no slower
+# that matters. Set before jax starts its backend, which it does at the first computation.
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+# Several tests build the same tiny stages, on two pytest workers. A persistent compilation cache
+# shared by the workers compiles each program once (JAX keys it by the program, the compile options
+# and its own version, so a stale entry is never used).
 jax.config.update("jax_compilation_cache_dir", str(Path(tempfile.gettempdir()) / f"hrl-tests-jax-cache-{getpass.getuser()}"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
