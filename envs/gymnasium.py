@@ -159,6 +159,11 @@ def _to_host(tree):
     return jax.tree.map(np.array, jax.device_get(tree))
 
 
+def _check_render_mode(render_mode: str | None, supported: list[str]) -> None:
+    if render_mode not in (None, *supported):
+        raise ValueError(f"render_mode {render_mode!r} not supported; use one of {[None, *supported]}")
+
+
 def _jax_key(np_random: np.random.Generator) -> jax.Array:
     return jax.random.key(int(np_random.integers(2**32, dtype=np.uint64)))
 
@@ -223,8 +228,7 @@ class _SingleEnv(gymnasium.Env):
     episode_config = EpisodeConfig
 
     def __init__(self, jax_env, render_mode: str | None, task, any_task: bool, solvable_only: bool):
-        if render_mode not in (None, *self.metadata["render_modes"]):
-            raise ValueError(f"render_mode {render_mode!r} not supported; use None or 'rgb_array'")
+        _check_render_mode(render_mode, self.metadata["render_modes"])
         self.render_mode = render_mode
         self.jax_env = jax_env
         self.default_config = self.episode_config().with_options(
@@ -324,8 +328,7 @@ class _VectorEnv(gymnasium.vector.VectorEnv):
                  single_observation_space: spaces.Space, single_action_space: spaces.Space):
         if num_envs < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
-        if render_mode not in (None, *self.metadata["render_modes"]):
-            raise ValueError(f"render_mode {render_mode!r} not supported; use None or 'rgb_array'")
+        _check_render_mode(render_mode, self.metadata["render_modes"])
         self.num_envs = num_envs
         self.render_mode = render_mode
         self.jax_env = jax_env
@@ -541,6 +544,7 @@ class AntPinpadVectorEnv(_VectorEnv):
     def __init__(
         self,
         num_envs: int,
+        render_mode: str | None = None,
         task: str | int | tuple = "pretrain",
         any_task: bool = False,
         solvable_only: bool = False,
@@ -548,7 +552,7 @@ class AntPinpadVectorEnv(_VectorEnv):
     ):
         from envs.ant_pinpad import OBS_BOUND, OBS_DIM as ANT_OBS_DIM, AntPinpad
 
-        super().__init__(AntPinpad(horizon=horizon), num_envs, None, task, any_task, solvable_only,
+        super().__init__(AntPinpad(horizon=horizon), num_envs, render_mode, task, any_task, solvable_only,
                          spaces.Box(-OBS_BOUND, OBS_BOUND, (ANT_OBS_DIM,), np.float32),
                          spaces.Box(-1.0, 1.0, (ANT_ACTION_DIM,), np.float32))
 

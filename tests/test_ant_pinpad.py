@@ -314,6 +314,8 @@ def test_gymnasium_vector_env_steps_every_ant_and_autoresets_in_the_same_step():
         vec.step(np.zeros(8))
     with pytest.raises(ValueError, match="(?s)invalid action .*not finite"):
         vec.step(np.full((2, 8), np.nan))
+    with pytest.raises(ValueError, match=r"render_mode 'rgb_array' not supported; use one of \[None\]"):
+        gymnasium.make_vec("hrl/AntPinpad-v0", num_envs=2, render_mode="rgb_array")
 
 
 def test_gymnasium_render_draws_the_torso_path_so_far():
