@@ -410,8 +410,9 @@ def run_probe(config: ExperimentConfig, runs_dir: str | Path, overwrite: bool = 
 
 
 def run_controllers(config: ExperimentConfig, runs_dir: str | Path, overwrite: bool = False) -> RunDir:
-    """Supervised controllers on D*, one set per controlled layer, chained on the post-training task.
-    The summary adds `posttrain_success_by_layer` and the unsteered `base_posttrain_success`."""
+    """Supervised controllers on D*, one set per controlled layer, chained on the post-training task
+    and on the pretraining tasks. The summary adds `posttrain_success_by_layer`,
+    `pretrain_success_by_layer` and the unsteered `base_posttrain_success`."""
     run = stage_run_dir(config, runs_dir, "controllers", overwrite)
     if run.is_complete:
         print(f"controllers: complete, skipped ({run.path})")
@@ -435,11 +436,15 @@ def run_controllers(config: ExperimentConfig, runs_dir: str | Path, overwrite: b
         mesh=mesh,
     )
     metrics = result.summary["metrics"]
-    success = {str(layer): metrics[f"eval/posttrain_success/layer_{layer}"] for layer in layers}
+    success = {tasks: {str(layer): metrics[f"eval/{tasks}_success/layer_{layer}"] for layer in layers}
+               for tasks in ("posttrain", "pretrain")}
     base_success = controllers.evaluate_base(cfg, base, env, eval_key)["success_rate"]
-    run.mark_complete({**result.summary, "posttrain_success_by_layer": success, "base_posttrain_success": base_success})
+    run.mark_complete({**result.summary, "posttrain_success_by_layer": success["posttrain"],
+                       "pretrain_success_by_layer": success["pretrain"], "base_posttrain_success": base_success})
     print(f"controllers: done ({run.path}): post-training success by controlled layer "
-          + ", ".join(f"{layer}: {value:.3f}" for layer, value in success.items()) + f" (unsteered base {base_success:.3f})")
+          + ", ".join(f"{layer}: {value:.3f}" for layer, value in success["posttrain"].items())
+          + f" (unsteered base {base_success:.3f}); on the pretraining tasks "
+          + ", ".join(f"{layer}: {value:.3f}" for layer, value in success["pretrain"].items()))
     return run
 
 

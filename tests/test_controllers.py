@@ -132,8 +132,9 @@ def test_controllers_stage_through_the_cli_and_the_figures(runs_copy, capsys):
     runs, tiny = runs_copy
     assert cli.main(["controllers", "--runs-dir", str(runs), *tiny, "controllers.layers=[1]"]) == 0
     summary = RunDir(runs / "tiny" / "controllers" / "seed_0").summary()
-    assert set(summary["posttrain_success_by_layer"]) == {"1"}
-    assert all(0 <= value <= 1 for value in summary["posttrain_success_by_layer"].values())
+    for tasks in ("posttrain", "pretrain"):
+        assert set(summary[f"{tasks}_success_by_layer"]) == {"1"}
+        assert all(0 <= value <= 1 for value in summary[f"{tasks}_success_by_layer"].values())
     assert 0 <= summary["base_posttrain_success"] <= 1
     assert "controllers: done" in capsys.readouterr().out
 

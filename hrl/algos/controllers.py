@@ -249,10 +249,13 @@ def run_steered_episode(model: Any, env: Env, env_params: Any, key: jax.Array, s
 
 def make_evaluate(cfg: ControllerConfig, base: Transformer, layers: tuple[int, ...], env: Env, key: jax.Array
                   ) -> Callable[[TrainState], dict]:
-    """A jitted `evaluate(state)`: the chained controllers on the post-training task, per controlled
-    layer: `posttrain_success/layer_l` and `posttrain_progress/layer_l`. The episode keys are fixed,
-    so every evaluation (and every layer) sees the same layouts."""
-    posttrain = env.posttrain_params()
+    """A jitted `evaluate(state)`: the chained controllers per controlled layer, on the
+    post-training task (`posttrain_success/layer_l`, `posttrain_progress/layer_l`) and, in
+    distribution, on the pretraining tasks, one drawn per episode (`pretrain_success/layer_l`,
+    `pretrain_progress/layer_l`). The second tells controllers that cannot steer at all from
+    controllers that steer but do not compose the post-training task's unseen transitions. The
+    episode keys are fixed, so every evaluation (and every layer) sees the same layouts."""
+    task_sets = {"posttrain": env.posttrain_params(), "pretrain": env.pretrain_params()}
     keys = jax.random.split(key, cfg.eval_episodes)
 
     @jax.jit
@@ -261,9 +264,10 @@ def make_evaluate(cfg: ControllerConfig, base: Transformer, layers: tuple[int, .
         metrics = {}
         for index, layer in enumerate(layers):
             steer = functools.partial(controllers.steer, index)
-            episodes = jax.vmap(lambda k: run_steered_episode(base, env, posttrain, k, steer, layer))(keys)
-            metrics[f"posttrain_success/layer_{layer}"] = jnp.mean(episodes.success)
-            metrics[f"posttrain_progress/layer_{layer}"] = jnp.mean(episodes.progress)
+            for name, params in task_sets.items():
+                episodes = jax.vmap(lambda k: run_steered_episode(base, env, params, k, steer, layer))(keys)
+                metrics[f"{name}_success/layer_{layer}"] = jnp.mean(episodes.success)
+                metrics[f"{name}_progress/layer_{layer}"] = jnp.mean(episodes.progress)
         return metrics
 
     return evaluate

@@ -34,15 +34,18 @@ def by_layer(values: dict[str, float]) -> dict[int, float]:
     return {int(layer): value for layer, value in values.items()}
 
 
-def plot_seeds_and_mean(ax, curves: dict[int, dict[int, float]]) -> None:
-    """One thin line per seed and a bold mean over the seeds (at the layers they all have)."""
+def plot_seeds_and_mean(ax, curves: dict[int, dict[int, float]], colour: str = "tab:blue", what: str = "") -> None:
+    """One thin line per seed and a bold mean over the seeds (at the layers they all have);
+    `what` names the curves in the legend when an axis has several kinds."""
+    prefix = f"{what}: " if what else ""
     for seed, curve in curves.items():
         layers = sorted(curve)
-        ax.plot(layers, [curve[layer] for layer in layers], color="tab:blue", alpha=0.35, linewidth=1,
-                label=f"seed {seed}")
+        ax.plot(layers, [curve[layer] for layer in layers], color=colour, alpha=0.35, linewidth=1,
+                label=f"{prefix}seed {seed}")
     shared = sorted(set.intersection(*(set(curve) for curve in curves.values())))
     mean = [np.mean([curve[layer] for curve in curves.values()]) for layer in shared]
-    ax.plot(shared, mean, color="tab:blue", linewidth=2.5, marker="o", label=f"mean of {len(curves)} seed{'s' if len(curves) > 1 else ''}")
+    ax.plot(shared, mean, color=colour, linewidth=2.5, marker="o",
+            label=f"{prefix}mean of {len(curves)} seed{'s' if len(curves) > 1 else ''}")
     ax.set_xticks(shared)
 
 
@@ -69,14 +72,18 @@ def probe_accuracy_figure(runs_dir: str | Path, experiment: str, seeds: list[int
 
 def controller_layer_sweep_figure(runs_dir: str | Path, experiment: str, seeds: list[int]) -> Path:
     """Post-training success of the chained supervised controllers by controlled layer, with the
-    unsteered base model as the reference (paper Fig. 4)."""
+    unsteered base model as the reference (paper Fig. 4), and their success on the pretraining
+    tasks (in distribution) beside it."""
     summaries = completed_summaries(runs_dir, experiment, "controllers", seeds)
     fig = Figure(figsize=(5, 3.5))
     ax = fig.subplots()
-    plot_seeds_and_mean(ax, {seed: by_layer(s["posttrain_success_by_layer"]) for seed, s in summaries.items()})
+    plot_seeds_and_mean(ax, {seed: by_layer(s["posttrain_success_by_layer"]) for seed, s in summaries.items()},
+                        what="post-training task")
+    plot_seeds_and_mean(ax, {seed: by_layer(s["pretrain_success_by_layer"]) for seed, s in summaries.items()},
+                        colour="tab:green", what="pretraining tasks")
     base = np.mean([s["base_posttrain_success"] for s in summaries.values()])
-    ax.axhline(base, color="tab:red", linestyle="--", label="unsteered base model (mean)")
-    ax.set(xlabel="controlled layer l (0: embedding)", ylabel="post-training success rate", ylim=(-0.02, 1.02),
+    ax.axhline(base, color="tab:red", linestyle="--", label="unsteered base model, post-training (mean)")
+    ax.set(xlabel="controlled layer l (0: embedding)", ylabel="success rate", ylim=(-0.02, 1.02),
            title=f"Chained supervised controllers ({experiment})")
     ax.legend(fontsize=7)
     return save(fig, runs_dir, experiment, "controller_layer_sweep")
