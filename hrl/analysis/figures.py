@@ -79,8 +79,9 @@ def controller_layer_sweep_figure(runs_dir: str | Path, experiment: str, seeds: 
     ax = fig.subplots()
     plot_seeds_and_mean(ax, {seed: by_layer(s["posttrain_success_by_layer"]) for seed, s in summaries.items()},
                         what="post-training task")
-    plot_seeds_and_mean(ax, {seed: by_layer(s["pretrain_success_by_layer"]) for seed, s in summaries.items()},
-                        colour="tab:green", what="pretraining tasks")
+    if all("pretrain_success_by_layer" in s for s in summaries.values()):  # runs older than it have none
+        plot_seeds_and_mean(ax, {seed: by_layer(s["pretrain_success_by_layer"]) for seed, s in summaries.items()},
+                            colour="tab:green", what="pretraining tasks")
     base = np.mean([s["base_posttrain_success"] for s in summaries.values()])
     ax.axhline(base, color="tab:red", linestyle="--", label="unsteered base model, post-training (mean)")
     ax.set(xlabel="controlled layer l (0: embedding)", ylabel="success rate", ylim=(-0.02, 1.02),
