@@ -89,8 +89,7 @@ register("AntPinpadExpert-v0", _ant_pinpad_expert)
 
 def _register_with_gymnasium() -> None:
     """Makes `gymnasium.make` and `gymnasium.make_vec` of "hrl/GridPinpad-v0" and "hrl/AntPinpad-v0"
-    work after `import envs`. The adapters
-    (envs/gymnasium.py) load only when an environment is made."""
+    work after `import envs`. The adapters (envs/gymnasium.py) load only when an environment is made."""
     import gymnasium
 
     if "hrl/GridPinpad-v0" not in gymnasium.registry:
