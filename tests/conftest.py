@@ -22,10 +22,10 @@ from hrl.infra.config import load_config
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
 # Several tests build the same tiny stages, on two pytest workers. A persistent compilation cache
 # shared by the workers compiles each program once (JAX keys it by the program, the compile options
-# and its own version, so a stale entry is never used). One run of the suite fills about 50 MB.
+# and its own version, so a stale entry is never used). One run of the suite fills about 50 MB;
+# jax's size cap would need the filelock package, and without it jax reads no entry at all.
 jax.config.update("jax_compilation_cache_dir", str(Path(tempfile.gettempdir()) / f"hrl-tests-jax-cache-{getpass.getuser()}"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-jax.config.update("jax_compilation_cache_max_size", 512 * 2**20)  # bytes; the least recently used go first
 
 # Seconds on a CPU: short episodes, a one-block transformer, a few updates of each stage. epsilon 0
 # makes D and D* come from one expert, so that their collection compiles once.
