@@ -3,7 +3,7 @@
     hrl collect  [--preset gridworld/quick] [--runs-dir runs] [--seed K] [--overwrite] [key.sub=value ...]
     hrl train-bc [--preset gridworld/quick] [--runs-dir runs] [--seed K] [--overwrite] [key.sub=value ...]
     hrl render   [--preset ...] [--episode N] [--clean] [--output PATH] [--fps F] [key.sub=value ...]
-    hrl probe | hrl controllers   (same options as collect)
+    hrl probe | hrl controllers [--oracle]   (same options as collect)
     hrl discover [--variant frozen|beta1|cotrained] [--seeds 0,1,2]   (same options as collect)
     hrl internal-rl [--variant frozen|beta1|cotrained] [--seeds 0,1,2]   (same options as collect)
     hrl grpo     [--seeds 0,1,2]   (same options as collect; --seeds: one vmapped program, a run dir each)
@@ -78,7 +78,7 @@ def probe_command(config: ExperimentConfig, args: argparse.Namespace) -> None:
 
 
 def controllers_command(config: ExperimentConfig, args: argparse.Namespace) -> None:
-    run_controllers(config, args.runs_dir, overwrite=args.overwrite)
+    run_controllers(config, args.runs_dir, overwrite=args.overwrite, oracle=args.oracle)
 
 
 def discover_command(config: ExperimentConfig, args: argparse.Namespace) -> None:
@@ -164,9 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("probe", probe_command,
         "linear probes of the current subgoal on every layer of the frozen base model (stage 'probe')",
         [common, stage])
-    add("controllers", controllers_command,
-        "supervised controllers per subgoal and controlled layer, chained on the post-training task "
-        "(stage 'controllers')", [common, stage])
+    controllers_parser = add("controllers", controllers_command,
+                             "supervised controllers per subgoal and controlled layer, chained on the post-training "
+                             "task (stage 'controllers')", [common, stage])
+    controllers_parser.add_argument("--oracle", action="store_true",
+                                    help="train them on the post-training task itself instead of D* (stage "
+                                         "'controllers_oracle'; not the method: the ceiling of chaining on this base model)")
     discover = add("discover", discover_command,
                    "train the metacontroller on D* for every alpha of discovery.alphas side by side "
                    "(stage 'discovery', or 'discovery_beta1' / 'discovery_cotrained' for the ablations)",

@@ -114,6 +114,7 @@ STAGE_SECTIONS = {
     "pretrain": ("env", "collect", "model", "pretrain"),
     "probe": ("env", "collect", "model", "pretrain", "probe"),
     "controllers": ("env", "collect", "model", "pretrain", "controllers"),
+    "controllers_oracle": ("env", "collect", "model", "pretrain", "controllers"),
     "discovery": ("env", "collect", "model", "pretrain", "metacontroller", "discovery"),
     "discovery_beta1": ("env", "collect", "model", "pretrain", "metacontroller", "discovery"),
     "discovery_cotrained": ("env", "collect", "model", "metacontroller", "discovery"),  # no pretrained base
@@ -409,30 +410,37 @@ def run_probe(config: ExperimentConfig, runs_dir: str | Path, overwrite: bool = 
     return run
 
 
-def run_controllers(config: ExperimentConfig, runs_dir: str | Path, overwrite: bool = False) -> RunDir:
+def run_controllers(config: ExperimentConfig, runs_dir: str | Path, overwrite: bool = False,
+                    oracle: bool = False) -> RunDir:
     """Supervised controllers on D*, one set per controlled layer, chained on the post-training task
     and on the pretraining tasks. The summary adds `posttrain_success_by_layer`,
-    `pretrain_success_by_layer` and the unsteered `base_posttrain_success`."""
-    run = stage_run_dir(config, runs_dir, "controllers", overwrite)
+    `pretrain_success_by_layer` and the unsteered `base_posttrain_success`.
+
+    With `oracle` (stage controllers_oracle), the same controllers learn from the clean expert on
+    the post-training task itself instead of D*. That is not the method (the task's transitions
+    are what the method must compose without seeing them): it measures how far chaining linear
+    controllers can take this base model at all, so a shortfall of the real controllers splits
+    into what the base model cannot be steered to and what the controllers fail to compose."""
+    stage = "controllers_oracle" if oracle else "controllers"
+    run = stage_run_dir(config, runs_dir, stage, overwrite)
     if run.is_complete:
-        print(f"controllers: complete, skipped ({run.path})")
+        print(f"{stage}: complete, skipped ({run.path})")
         return run
     base = load_base_model(config, runs_dir).module()
-    dataset = expert.load_dataset(run_collect(config, runs_dir).path / EXPERT_DATA_CLEAN)
     env = config.env.make()
     cfg = config.controllers
     layers = cfg.swept_layers(base.num_layers)
-    init_key, eval_key = jax.random.split(stage_key(config, "controllers"))
+    init_key, eval_key = jax.random.split(stage_key(config, "controllers"))  # the oracle: the same draws
     mesh = build_mesh(config.mesh)
     result = run_training(
         run,
         controllers.init(init_key, cfg, base, len(layers), env.num_subgoals),
-        controllers.make_train_chunk(cfg, base, layers, controller_episodes(config, runs_dir, env, dataset), mesh),
+        controllers.make_train_chunk(cfg, base, layers, controller_episodes(config, runs_dir, env, oracle), mesh),
         cfg.num_chunks,
         steps_per_chunk=cfg.updates_per_chunk,
         loop=config.loop,
         evaluate=controllers.make_evaluate(cfg, base, layers, env, eval_key),
-        description="controllers",
+        description=stage,
         mesh=mesh,
     )
     metrics = result.summary["metrics"]
@@ -441,7 +449,7 @@ def run_controllers(config: ExperimentConfig, runs_dir: str | Path, overwrite: b
     base_success = controllers.evaluate_base(cfg, base, env, eval_key)["success_rate"]
     run.mark_complete({**result.summary, "posttrain_success_by_layer": success["posttrain"],
                        "pretrain_success_by_layer": success["pretrain"], "base_posttrain_success": base_success})
-    print(f"controllers: done ({run.path}): post-training success by controlled layer "
+    print(f"{stage}: done ({run.path}): post-training success by controlled layer "
           + ", ".join(f"{layer}: {value:.3f}" for layer, value in success["posttrain"].items())
           + f" (unsteered base {base_success:.3f}); on the pretraining tasks "
           + ", ".join(f"{layer}: {value:.3f}" for layer, value in success["pretrain"].items()))
@@ -463,12 +471,15 @@ def discovery_base(config: ExperimentConfig, runs_dir: str | Path, variant: str)
     return None, make_base
 
 
-def controller_episodes(config: ExperimentConfig, runs_dir: str | Path, env: envs.Env, dataset) -> controllers.Episodes:
-    """The supervised controllers' batches: from the collected D*, or fresh episodes of its clean expert."""
+def controller_episodes(config: ExperimentConfig, runs_dir: str | Path, env: envs.Env,
+                        oracle: bool = False) -> controllers.Episodes:
+    """The supervised controllers' batches: from the collected D*, or fresh episodes of its clean
+    expert; for the oracle, always fresh episodes of that expert on the post-training task."""
     cfg = config.controllers
-    if cfg.data == "online":
-        return controllers.online_episodes(env, env.pretrain_params(), clean_expert(config, runs_dir, env),
-                                           cfg.batch_size)
+    if oracle or cfg.data == "online":
+        tasks = env.posttrain_params() if oracle else env.pretrain_params()
+        return controllers.online_episodes(env, tasks, clean_expert(config, runs_dir, env), cfg.batch_size)
+    dataset = expert.load_dataset(run_collect(config, runs_dir).path / EXPERT_DATA_CLEAN)
     return controllers.dataset_episodes(dataset, cfg.batch_size)
 
 

@@ -13,6 +13,8 @@ from envs.grid_pinpad import GridPinpad
 from hrl import cli
 from hrl.algos import controllers
 from hrl.analysis.figures import write_figures
+from hrl.experiment import ExperimentConfig, controller_episodes
+from hrl.infra.config import load_config
 from hrl.infra.rundir import RunDir
 from hrl.models import rollout
 from hrl.models.heads import Categorical
@@ -128,15 +130,32 @@ def test_the_steered_episode_applies_the_controller_of_the_current_subgoal():
     assert int(episode.length) == 8
 
 
+def test_the_oracle_learns_from_the_post_training_tasks_expert(pretrained_runs):
+    runs, tiny = pretrained_runs
+    config = load_config(ExperimentConfig, "gridworld/quick", tiny)
+    for oracle, first_subgoals in ((True, {0}), (False, {0, 1, 2, 3})):
+        sample = jax.jit(controller_episodes(config, runs, ENV, oracle=oracle))
+        _, _, subgoals, mask = jax.device_get(sample(jax.random.key(0)))
+        assert set(subgoals[:, 0].tolist()) <= first_subgoals
+        transitions = {(int(a), int(b)) for row, valid in zip(subgoals, mask)
+                       for a, b in zip(row[valid][:-1], row[valid][1:]) if a != b}
+        if oracle:  # A-B-C-D-A-B: only its own transitions, and A -> B, which no pretraining task has
+            assert (0, 1) in transitions and transitions <= {(0, 1), (1, 2), (2, 3), (3, 0)}
+        else:
+            assert (0, 1) not in transitions
+
+
 def test_controllers_stage_through_the_cli_and_the_figures(runs_copy, capsys):
     runs, tiny = runs_copy
-    assert cli.main(["controllers", "--runs-dir", str(runs), *tiny, "controllers.layers=[1]"]) == 0
-    summary = RunDir(runs / "tiny" / "controllers" / "seed_0").summary()
-    for tasks in ("posttrain", "pretrain"):
-        assert set(summary[f"{tasks}_success_by_layer"]) == {"1"}
-        assert all(0 <= value <= 1 for value in summary[f"{tasks}_success_by_layer"].values())
-    assert 0 <= summary["base_posttrain_success"] <= 1
-    assert "controllers: done" in capsys.readouterr().out
+    for oracle in ([], ["--oracle"]):
+        assert cli.main(["controllers", *oracle, "--runs-dir", str(runs), *tiny, "controllers.layers=[1]"]) == 0
+        stage = "controllers_oracle" if oracle else "controllers"
+        summary = RunDir(runs / "tiny" / stage / "seed_0").summary()
+        for tasks in ("posttrain", "pretrain"):
+            assert set(summary[f"{tasks}_success_by_layer"]) == {"1"}
+            assert all(0 <= value <= 1 for value in summary[f"{tasks}_success_by_layer"].values())
+        assert 0 <= summary["base_posttrain_success"] <= 1
+        assert f"{stage}: done" in capsys.readouterr().out
 
     figures = write_figures(runs, "tiny", [0, 1])  # no probe run here, and no seed 1: left out with notes
     assert figures == [runs / "tiny" / "figures" / "controller_layer_sweep.png"]

@@ -72,8 +72,9 @@ def probe_accuracy_figure(runs_dir: str | Path, experiment: str, seeds: list[int
 
 def controller_layer_sweep_figure(runs_dir: str | Path, experiment: str, seeds: list[int]) -> Path:
     """Post-training success of the chained supervised controllers by controlled layer, with the
-    unsteered base model as the reference (paper Fig. 4), and their success on the pretraining
-    tasks (in distribution) beside it."""
+    unsteered base model as the reference (paper Fig. 4), their success on the pretraining tasks
+    (in distribution) beside it and, where `hrl controllers --oracle` ran, the post-training
+    success of controllers trained on that task itself (the ceiling of chaining)."""
     summaries = completed_summaries(runs_dir, experiment, "controllers", seeds)
     fig = Figure(figsize=(5, 3.5))
     ax = fig.subplots()
@@ -82,6 +83,11 @@ def controller_layer_sweep_figure(runs_dir: str | Path, experiment: str, seeds: 
     if all("pretrain_success_by_layer" in s for s in summaries.values()):  # runs older than it have none
         plot_seeds_and_mean(ax, {seed: by_layer(s["pretrain_success_by_layer"]) for seed, s in summaries.items()},
                             colour="tab:green", what="pretraining tasks")
+    oracle = {seed: RunDir(RunDir.path_for(runs_dir, experiment, "controllers_oracle", seed)).summary() for seed in seeds}
+    oracle = {seed: summary for seed, summary in oracle.items() if summary is not None}
+    if oracle:
+        plot_seeds_and_mean(ax, {seed: by_layer(s["posttrain_success_by_layer"]) for seed, s in oracle.items()},
+                            colour="tab:purple", what="oracle (trained on the post-training task)")
     base = np.mean([s["base_posttrain_success"] for s in summaries.values()])
     ax.axhline(base, color="tab:red", linestyle="--", label="unsteered base model, post-training (mean)")
     ax.set(xlabel="controlled layer l (0: embedding)", ylabel="success rate", ylim=(-0.02, 1.02),
