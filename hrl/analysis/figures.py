@@ -35,17 +35,18 @@ def by_layer(values: dict[str, float]) -> dict[int, float]:
 
 
 def plot_seeds_and_mean(ax, curves: dict[int, dict[int, float]], colour: str = "tab:blue", what: str = "") -> None:
-    """One thin line per seed and a bold mean over the seeds (at the layers they all have);
-    `what` names the curves in the legend when an axis has several kinds."""
+    """One thin line per seed and a bold mean over the seeds (at the layers they all have); only
+    the mean has a legend entry, so that several kinds of curves keep the legend short. `what`
+    names the kind when an axis has several."""
     prefix = f"{what}: " if what else ""
-    for seed, curve in curves.items():
+    for curve in curves.values():
         layers = sorted(curve)
-        ax.plot(layers, [curve[layer] for layer in layers], color=colour, alpha=0.35, linewidth=1,
-                label=f"{prefix}seed {seed}")
+        ax.plot(layers, [curve[layer] for layer in layers], color=colour, alpha=0.35, linewidth=1)
     shared = sorted(set.intersection(*(set(curve) for curve in curves.values())))
     mean = [np.mean([curve[layer] for curve in curves.values()]) for layer in shared]
+    seeds = ", ".join(str(seed) for seed in curves)
     ax.plot(shared, mean, color=colour, linewidth=2.5, marker="o",
-            label=f"{prefix}mean of {len(curves)} seed{'s' if len(curves) > 1 else ''}")
+            label=f"{prefix}mean of seed{'s' if len(curves) > 1 else ''} {seeds}" + (" (thin: each)" if len(curves) > 1 else ""))
     ax.set_xticks(shared)
 
 
@@ -92,7 +93,7 @@ def controller_layer_sweep_figure(runs_dir: str | Path, experiment: str, seeds: 
     ax.axhline(base, color="tab:red", linestyle="--", label="unsteered base model, post-training (mean)")
     ax.set(xlabel="controlled layer l (0: embedding)", ylabel="success rate", ylim=(-0.02, 1.02),
            title=f"Chained supervised controllers ({experiment})")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper right")
     return save(fig, runs_dir, experiment, "controller_layer_sweep")
 
 
