@@ -84,8 +84,10 @@ def controller_layer_sweep_figure(runs_dir: str | Path, experiment: str, seeds: 
     if all("pretrain_success_by_layer" in s for s in summaries.values()):  # runs older than it have none
         plot_seeds_and_mean(ax, {seed: by_layer(s["pretrain_success_by_layer"]) for seed, s in summaries.items()},
                             colour="tab:green", what="pretraining tasks")
-    oracle = {seed: RunDir(RunDir.path_for(runs_dir, experiment, "controllers_oracle", seed)).summary() for seed in seeds}
-    oracle = {seed: summary for seed, summary in oracle.items() if summary is not None}
+    try:  # an optional stage (`hrl controllers --oracle`)
+        oracle = completed_summaries(runs_dir, experiment, "controllers_oracle", seeds)
+    except FileNotFoundError:
+        oracle = {}
     if oracle:
         plot_seeds_and_mean(ax, {seed: by_layer(s["posttrain_success_by_layer"]) for seed, s in oracle.items()},
                             colour="tab:purple", what="oracle (trained on the post-training task)")
@@ -93,7 +95,7 @@ def controller_layer_sweep_figure(runs_dir: str | Path, experiment: str, seeds: 
     ax.axhline(base, color="tab:red", linestyle="--", label="unsteered base model, post-training (mean)")
     ax.set(xlabel="controlled layer l (0: embedding)", ylabel="success rate", ylim=(-0.02, 1.02),
            title=f"Chained supervised controllers ({experiment})")
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18))  # below: the curves span the axis
     return save(fig, runs_dir, experiment, "controller_layer_sweep")
 
 
