@@ -53,8 +53,8 @@ Decisions the paper leaves open (DECIDE in the spec):
   state keeps the batched auto-reset's selects and scatters cheap. A reset sets only qpos and
   qvel (no forward pass); every quantity the environment reads comes from qpos and qvel.
 - Unsolvable layouts: a colour can be walled in by the wall, the arena's edge and other colours.
-  `AntPinpad(solvable_only=True)` redraws layouts until the task (or, with any_task, a task still
-  alive) can be completed at the cell level, every leg avoiding the wall and the other colours
+  `AntPinpad(solvable_only=True)` redraws layouts until the drawn task (also with any_task, as in
+  the grid world) can be completed at the cell level, every leg avoiding the wall and the other colours
   (`task_is_solvable`); the default draws uniformly, as the paper states. Measured over 20,000
   uniform layouts: 11.2% are unsolvable for a drawn pretraining task, 13.3% for the post-training
   task (tests/test_ant_pinpad.py checks the order of magnitude).
@@ -415,9 +415,9 @@ def direction_field(state: AntPinpadState, params: pinpad.PinpadParams) -> jax.A
 
 
 def task_is_solvable(state: AntPinpadState, params: pinpad.PinpadParams) -> jax.Array:
-    """Whether a task still alive can be completed at the cell level (each leg's target reachable
-    from the previous colour, avoiding the wall and the other colours). Only the drawn task is
-    checked unless params.any_task."""
+    """Whether the drawn task is still alive and can be completed at the cell level (each leg's
+    target reachable from the previous colour, avoiding the wall and the other colours). With
+    params.any_task as well, as in the grid world (`envs.grid_pinpad`): the layouts of the data."""
 
     def doable(task):
         colours = params.tasks.colours[task]
@@ -432,10 +432,7 @@ def task_is_solvable(state: AntPinpadState, params: pinpad.PinpadParams) -> jax.
 
         return jnp.all(jax.vmap(leg_ok)(jnp.arange(colours.shape[0])))
 
-    def any_alive_doable():
-        return jnp.any(state.alive & jax.vmap(doable)(jnp.arange(params.tasks.size)))
-
-    return jax.lax.cond(params.any_task, any_alive_doable, lambda: state.alive[state.task] & doable(state.task))
+    return state.alive[state.task] & doable(state.task)
 
 
 # --- the PPO expert's view: privileged observation and dense reward

@@ -7,7 +7,7 @@ import pytest
 
 import envs
 from envs import pinpad
-from envs.grid_pinpad import OBS_DIM, GridPinpad, GridState, task_is_solvable
+from envs.grid_pinpad import OBS_DIM, GridPinpad, GridState, task_is_solvable, task_steps_needed
 
 UP, RIGHT, DOWN, LEFT = 0, 1, 2, 3
 KEY = jax.random.key(0)
@@ -235,6 +235,22 @@ def test_solvable_only_layouts(env):
     # Keys whose first draw is solvable give the same layout in both environments.
     first_ok = np.asarray(check(uniform))
     np.testing.assert_array_equal(np.asarray(filtered.colour_cells)[first_ok], np.asarray(uniform.colour_cells)[first_ok])
+
+
+def test_any_task_episodes_have_the_layouts_of_the_data():
+    # A base model that cannot see the task is scored on any task, on the layouts its expert's data
+    # has: the same draws and redraws as episodes of a drawn task, so no demonstrated task is walled in.
+    solvable_env = GridPinpad(solvable_only=True)
+    keys = jax.random.split(KEY, 500)
+    reset = jax.jit(jax.vmap(solvable_env.reset, (0, None)))
+    _, drawn = reset(keys, solvable_env.pretrain_params())
+    _, any_task = reset(keys, solvable_env.pretrain_params(any_task=True))
+    for field in ("agent", "colour_cells", "wall_cells", "task"):
+        np.testing.assert_array_equal(getattr(any_task, field), getattr(drawn, field))
+    assert bool(jnp.all(any_task.alive))  # yet every task counts
+    tasks = solvable_env.pretrain_params().tasks
+    steps = jax.vmap(lambda s: task_steps_needed(s, tasks, s.task))(any_task)
+    assert bool(jnp.all(steps <= solvable_env.horizon))
 
 
 def test_solvable_only_reset_returns_when_the_horizon_is_too_short_for_any_layout(env):
