@@ -63,6 +63,31 @@ def labelled_action(
     return _choose(key, optimal, safe, reachable, epsilon), _noise_free_distribution(optimal, safe, reachable)
 
 
+def move_probabilities(state: GridState, params: pinpad.PinpadParams, epsilon: float | jax.Array = 0.0) -> jax.Array:
+    """[4] the probability of each move of the epsilon-noisy expert (`shortest_path_action`)."""
+    optimal, safe, reachable = optimal_moves(state, params)
+    random_safe = safe / jnp.sum(safe)
+    return jnp.where(reachable, (1 - epsilon) * optimal / jnp.sum(optimal) + epsilon * random_safe, random_safe)
+
+
+def per_task(state: GridState, params: pinpad.PinpadParams, epsilon: float | jax.Array = 0.0
+             ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """What a task-blind observer of the expert can compute at this state, for each task k of the
+    set: (consistent [K] bool: the colours visited so far begin task k; clean [K, 4]: the
+    noise-free expert's distribution if the task were k; moves [K, 4]: the noisy expert's move
+    probabilities if it were k). `clean` and `moves` mean something only where `consistent`."""
+    tasks = params.tasks.colours
+    visited = tasks[state.task]  # the drawn task's colours, of which the first `progress` are visited
+    consistent = jnp.all((tasks == visited) | (jnp.arange(tasks.shape[1]) >= state.progress), axis=1)
+
+    def as_task(k):
+        as_k = state.replace(alive=jnp.arange(tasks.shape[0]) == k)
+        return expert_probabilities(as_k, params), move_probabilities(as_k, params, epsilon)
+
+    clean, moves = jax.vmap(as_task)(jnp.arange(tasks.shape[0]))
+    return consistent, clean, moves
+
+
 def _choose(key, optimal, safe, reachable, epsilon):
     key_noise, key_optimal, key_random = jax.random.split(key, 3)
 

@@ -14,7 +14,7 @@ Episode configuration (constructor keyword arguments, or `reset(options=...)` fo
 - task: "pretrain" (one of the 16 pretraining tasks, drawn per episode), "posttrain", a
   pretraining task index 0..15, or one of those tasks in subgoal letters ("A-C-B");
 - any_task: with "pretrain", completing any pretraining task counts (how a model that cannot see
-  the task is evaluated);
+  the task is evaluated; a task is still drawn, and solvable_only keeps the layouts where it is doable);
 - solvable_only: redraw layouts where the task cannot be done within the horizon.
 A reset's options last until the next reset (in the vector environment they also apply to the
 autoresets in between); a reset without options returns to the constructor's configuration.

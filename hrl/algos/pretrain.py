@@ -51,9 +51,10 @@ the post-training task (expected near zero). The any-task episodes have the layo
 (a drawn task is doable: `envs.grid_pinpad`). The numbers above were measured on layouts where
 only some task had to be doable; the same three quick-preset bases (seeds 0 / 1 / 2, same keys)
 score 83.2 / 72.7 / 71.9% on the data's layouts against 78.9 / 68.8 / 68.8% there. On those
-layouts seed 0's remaining failures (512 episodes) are mostly a confident wrong choice of the next
-subgoal: 44 of its 60 wrong colours are stepped on at a subgoal boundary, by a move the model
-gave a median probability of 0.50.
+layouts seed 0's wrong colours (60 of 512 episodes) are still mostly a wrong choice of the next
+subgoal: 44 come after a subgoal was completed and before the next was begun, 34 of them onto
+the first colour of X + 1, mostly 3 to 9 steps after completing X (the model had set off towards
+it), by a move the model gave a median probability of 0.50.
 """
 
 from __future__ import annotations
