@@ -12,21 +12,28 @@ random safe moves (`shortest_path_action` reports `reachable=False`).
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from envs import pinpad
-from envs.grid_pinpad import UNREACHABLE, GridState, distances_to, move, obstacles
+from envs.grid_pinpad import IMPOSSIBLE, SIZE, UNREACHABLE, GridState, distances_to, move, obstacles
 
 
 def optimal_moves(state: GridState, params: pinpad.PinpadParams) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Returns (optimal [4] bool, safe [4] bool, reachable): the moves on a shortest path to the
     next colour of the first task still alive (the drawn task, unless params.any_task), and the
     moves that do not step onto a wrong colour."""
-    target_colour = pinpad.next_colour(params.tasks, state.alive, state.progress)
+    return moves_towards(state, pinpad.next_colour(params.tasks, state.alive, state.progress))
+
+
+def moves_towards(state: GridState, target_colour: jax.Array, dist: jax.Array | None = None
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`optimal_moves` for a given target colour; `dist` is its distance map when already known."""
     blocked = obstacles(state, target_colour)
-    dist = distances_to(state.colour_cells[target_colour], blocked)
+    if dist is None:
+        dist = distances_to(state.colour_cells[target_colour], blocked)
 
     destinations = jax.vmap(lambda a: move(state, a))(jnp.arange(4))
     moves_away = destinations != state.agent
@@ -63,29 +70,64 @@ def labelled_action(
     return _choose(key, optimal, safe, reachable, epsilon), _noise_free_distribution(optimal, safe, reachable)
 
 
-def move_probabilities(state: GridState, params: pinpad.PinpadParams, epsilon: float | jax.Array = 0.0) -> jax.Array:
-    """[4] the probability of each move of the epsilon-noisy expert (`shortest_path_action`)."""
-    optimal, safe, reachable = optimal_moves(state, params)
+def move_probabilities(optimal: jax.Array, safe: jax.Array, reachable: jax.Array, epsilon: float | jax.Array
+                       ) -> jax.Array:
+    """[4] the probability of each move of the epsilon-noisy expert (`shortest_path_action`), from
+    `optimal_moves`'s result."""
     random_safe = safe / jnp.sum(safe)
     return jnp.where(reachable, (1 - epsilon) * optimal / jnp.sum(optimal) + epsilon * random_safe, random_safe)
 
 
-def per_task(state: GridState, params: pinpad.PinpadParams, epsilon: float | jax.Array = 0.0
-             ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """What a task-blind observer of the expert can compute at this state, for each task k of the
-    set: (consistent [K] bool: the colours visited so far begin task k; clean [K, 4]: the
-    noise-free expert's distribution if the task were k; moves [K, 4]: the noisy expert's move
-    probabilities if it were k). `clean` and `moves` mean something only where `consistent`."""
-    tasks = params.tasks.colours
-    visited = tasks[state.task]  # the drawn task's colours, of which the first `progress` are visited
+class TaskView(NamedTuple):
+    """What a task-blind observer of the expert can compute at a state, for each task k of the set."""
+
+    consistent: jax.Array  # [K] bool: the colours visited so far begin task k
+    clean: jax.Array  # [K, 4] the noise-free expert's distribution, were the task k
+    moves: jax.Array  # [K, 4] the epsilon-noisy expert's move probabilities, were the task k
+    doable: jax.Array  # [K] bool: task k can be finished from here within the horizon
+
+
+def per_task(state: GridState, params: pinpad.PinpadParams, epsilon: float | jax.Array, horizon: int) -> TaskView:
+    """`TaskView` at `state` of an episode of a drawn task (params.any_task False). `clean` and
+    `moves` mean something only where `consistent`; at an episode's first step `doable` is what
+    `solvable_only` redraws for. One shortest-path search per colour (8) serves all K tasks."""
+    colours = jnp.arange(state.colour_cells.shape[0])
+    dist = jax.vmap(lambda c: distances_to(state.colour_cells[c], obstacles(state, c)))(colours)  # [8, 49]
+    optimal, safe, reachable = jax.vmap(lambda c, d: moves_towards(state, c, d))(colours, dist)
+    clean = jax.vmap(_noise_free_distribution)(optimal, safe, reachable)
+    moves = jax.vmap(lambda o, s, r: move_probabilities(o, s, r, epsilon))(optimal, safe, reachable)
+
+    tasks = params.tasks.colours  # [K, L], -1 after a task's end
+    visited = tasks[state.task]  # the drawn task, of which the first `progress` colours are visited
     consistent = jnp.all((tasks == visited) | (jnp.arange(tasks.shape[1]) >= state.progress), axis=1)
+    next_colour = jnp.maximum(tasks[:, jnp.minimum(state.progress, tasks.shape[1] - 1)], 0)
+    # A leg from a cell: its distance, or one step more than its best neighbour's when the cell is
+    # itself an obstacle of the map (the colour just visited, where the next leg starts).
+    from_cell = jnp.minimum(dist, _neighbour_min(dist) + 1)  # [8, 49]
 
-    def as_task(k):
-        as_k = state.replace(alive=jnp.arange(tasks.shape[0]) == k)
-        return expert_probabilities(as_k, params), move_probabilities(as_k, params, epsilon)
+    def steps_needed(task_colours):
+        def leg(k):
+            colour = task_colours[k]
+            source = jnp.where(k == state.progress, state.agent, state.colour_cells[task_colours[jnp.maximum(k - 1, 0)]])
+            steps = from_cell[jnp.maximum(colour, 0), source]
+            needed = (k >= state.progress) & (colour >= 0)
+            return jnp.where(needed, jnp.where(steps < UNREACHABLE, steps, IMPOSSIBLE), 0)
 
-    clean, moves = jax.vmap(as_task)(jnp.arange(tasks.shape[0]))
-    return consistent, clean, moves
+        return jnp.sum(jax.vmap(leg)(jnp.arange(task_colours.shape[0])))
+
+    doable = jax.vmap(steps_needed)(tasks) <= horizon - state.t
+    return TaskView(consistent, clean[next_colour], moves[next_colour], doable)
+
+
+def _neighbour_min(dist: jax.Array) -> jax.Array:
+    """[..., 49] the least distance among each cell's four neighbours inside the grid."""
+    grid = dist.reshape(dist.shape[:-1] + (SIZE, SIZE))
+    pad = [(0, 0)] * (grid.ndim - 2) + [(1, 1), (1, 1)]
+    padded = jnp.pad(grid, pad, constant_values=UNREACHABLE)
+    neighbours = jnp.minimum(
+        jnp.minimum(padded[..., :-2, 1:-1], padded[..., 2:, 1:-1]), jnp.minimum(padded[..., 1:-1, :-2], padded[..., 1:-1, 2:])
+    )
+    return neighbours.reshape(dist.shape)
 
 
 def _choose(key, optimal, safe, reachable, epsilon):
@@ -120,4 +162,15 @@ def make_labelled_expert(env, epsilon: float = 0.0):
     `labels=expert`, see hrl.algos.pretrain)."""
     if env.name == "GridPinpad-v0":
         return lambda key, state, params: labelled_action(key, state, params, epsilon)
+    raise ValueError(f"no expert for environment {env.name!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def make_task_blind_labelled_expert(env, epsilon: float = 0.0):
+    """`(key, state, params) -> (action, TaskView)`: an epsilon-noisy expert's move and what a
+    task-blind observer can compute at its state (`per_task`; the labels of pretraining with
+    `labels=posterior`, see hrl.algos.pretrain)."""
+    if env.name == "GridPinpad-v0":
+        return lambda key, state, params: (labelled_action(key, state, params, epsilon)[0],
+                                           per_task(state, params, epsilon, env.horizon))
     raise ValueError(f"no expert for environment {env.name!r}")

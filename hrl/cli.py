@@ -3,7 +3,7 @@
     hrl collect  [--preset gridworld/quick] [--runs-dir runs] [--seed K] [--overwrite] [key.sub=value ...]
     hrl train-bc [--preset gridworld/quick] [--runs-dir runs] [--seed K] [--overwrite] [key.sub=value ...]
     hrl render   [--preset ...] [--episode N] [--clean] [--output PATH] [--fps F] [key.sub=value ...]
-    hrl headroom [--episodes N]   (same options as collect; the grid base model against the Bayes floor)
+    hrl headroom [--sequences N]   (same options as collect; the grid base model against the Bayes floor)
     hrl probe | hrl controllers [--oracle]   (same options as collect)
     hrl discover [--variant frozen|beta1|cotrained] [--seeds 0,1,2]   (same options as collect)
     hrl internal-rl [--variant frozen|beta1|cotrained] [--seeds 0,1,2]   (same options as collect)
@@ -124,20 +124,18 @@ def headroom_command(config: ExperimentConfig, args: argparse.Namespace) -> None
     task-blind predictor's, on fresh episodes of D's expert (`hrl.analysis.headroom`)."""
     import json
 
-    import jax
-
     from hrl.analysis import headroom  # the grid expert's per-task knowledge, only this command needs it
 
     env = config.env.make()
-    if env.name != "GridPinpad-v0" or config.pretrain.labels != "expert":
-        raise ConfigError("headroom: needs gridworld-pinpad and pretrain.labels=expert (the labels it measures against)")
-    if args.episodes < 1:
-        raise ConfigError(f"--episodes: must be >= 1, got {args.episodes}")
+    if env.name != "GridPinpad-v0" or config.pretrain.labels not in ("expert", "posterior"):
+        raise ConfigError("headroom: needs gridworld-pinpad and pretrain.labels expert or posterior (it measures against the former)")
+    if args.sequences < 1:
+        raise ConfigError(f"--sequences: must be >= 1, got {args.sequences}")
     model = load_base_model(config, args.runs_dir).module()
-    keys = jax.random.split(stage_key(config, "headroom"), args.episodes)
-    summary = headroom.summarise(headroom.step_cross_entropies(model, env, config.collect.epsilon, keys))
+    records = headroom.step_cross_entropies(model, env, config.collect.epsilon, stage_key(config, "headroom"), args.sequences)
+    summary = headroom.summarise(records)
     output = run_pretrain(config, args.runs_dir).path / "headroom.json"
-    output.write_text(json.dumps({"episodes": args.episodes, **summary}, indent=2) + "\n")
+    output.write_text(json.dumps({"sequences": args.sequences, **summary}, indent=2) + "\n")
     for part, meaning in (("all", "every step"), ("open", "next subgoal open"), ("set", "next colour set")):
         print(f"headroom: {meaning}: model {summary[part + '/model']:.4f} vs Bayes floor {summary[part + '/bayes']:.4f} "
               f"nats/step ({summary[part + '/steps']} steps)")
@@ -231,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "the grid base model's pretraining loss against the Bayes-optimal task-blind predictor's, "
                           "on fresh episodes of D's expert (writes headroom.json in the pretrain run directory)",
                           [common])
-    headroom_parser.add_argument("--episodes", type=int, default=512, help="default: %(default)s")
+    headroom_parser.add_argument("--sequences", type=int, default=256,
+                                 help="sequences of horizon steps of expert episodes back to back (default: %(default)s)")
     render = add("render", render_command, "draw one episode of the collected expert data as a GIF", [common])
     render.add_argument("--episode", type=int, default=0, help="episode index in the dataset (default: %(default)s)")
     render.add_argument("--clean", action="store_true", help="from D* (epsilon 0) instead of D")

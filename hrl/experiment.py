@@ -21,7 +21,7 @@ from flax import nnx
 
 import envs
 from envs.base import Discrete
-from envs.experts import make_expert, make_labelled_expert
+from envs.experts import make_expert, make_labelled_expert, make_task_blind_labelled_expert
 
 from hrl.algos import bc, controllers, crl, discovery, grpo, internal_rl, ppo, pretrain, probe
 from hrl.algos.bc import BCConfig
@@ -326,6 +326,10 @@ def pretrain_batches(config: ExperimentConfig, runs_dir: str | Path, env: envs.E
     """Pretraining's batch sampler: from the collected D, or fresh episodes of D's expert."""
     cfg = config.pretrain
     if cfg.data == "online":
+        if cfg.labels == "posterior":
+            task_blind = make_task_blind_labelled_expert(env, config.collect.epsilon)
+            to_targets = functools.partial(pretrain.posterior_targets, layouts_doable=config.env.solvable_only)
+            return pretrain.online_batches(env, env.pretrain_params(), task_blind, cfg.batch_size, to_targets)
         if cfg.labels == "expert":
             labelled = make_labelled_expert(env, config.collect.epsilon)
         else:

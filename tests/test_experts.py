@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from envs import pinpad
-from envs.experts import expert_probabilities, labelled_action, shortest_path_action
-from envs.grid_pinpad import GridPinpad, GridState, task_is_solvable
+from envs.experts import expert_probabilities, labelled_action, per_task, shortest_path_action
+from envs.grid_pinpad import GridPinpad, GridState, task_is_solvable, task_steps_needed
 
 KEY = jax.random.key(1)
 
@@ -107,3 +107,28 @@ def test_expert_reports_an_unreachable_target():
     # Then the expert's distribution is uniform over the safe moves (here: all, as no colour is adjacent).
     np.testing.assert_array_equal(expert_probabilities(state, params), [0.25] * 4)
     assert not bool(task_is_solvable(state, params, env.horizon))
+
+
+def test_the_task_blind_view_agrees_with_the_expert_and_the_solvability_check():
+    # per_task's one search per colour against the expert's own search per task, and its leg
+    # lengths against task_steps_needed, on fresh layouts and on states mid-episode.
+    env = GridPinpad()
+    params = env.pretrain_params()
+
+    def check(key):
+        key_reset, key_progress, key_t = jax.random.split(key, 3)
+        _, state = env.reset(key_reset, params)
+        state = state.replace(progress=2 * jax.random.randint(key_progress, (), 0, 3), t=jax.random.randint(key_t, (), 0, 60))
+        view = per_task(state, params, 0.2, env.horizon)
+        tasks = jnp.arange(params.tasks.size)
+        as_task = jax.vmap(lambda k: state.replace(alive=tasks == k))(tasks)
+        clean = jax.vmap(expert_probabilities, (0, None))(as_task, params)
+        needed = jax.vmap(lambda k: task_steps_needed(state, params.tasks, k))(tasks)
+        return view, clean, needed <= env.horizon - state.t
+
+    view, clean, doable = jax.jit(jax.vmap(check))(jax.random.split(KEY, 200))
+    consistent = np.asarray(view.consistent)
+    np.testing.assert_allclose(np.asarray(view.clean)[consistent], np.asarray(clean)[consistent], atol=1e-6)
+    np.testing.assert_array_equal(view.doable, doable)
+    assert 0.05 < float(np.mean(doable)) < 0.95  # both kinds of task occur
+    np.testing.assert_allclose(np.asarray(view.moves).sum(-1), 1.0, atol=1e-5)

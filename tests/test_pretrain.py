@@ -10,10 +10,10 @@ import pytest
 
 import envs
 from envs.base import Box
-from envs.experts import make_expert, make_labelled_expert
+from envs.experts import make_expert, make_labelled_expert, make_task_blind_labelled_expert
 from envs.grid_pinpad import GridPinpad
 from hrl.algos import pretrain
-from hrl.data.expert import Dataset, collect
+from hrl.data.expert import Dataset, collect, rollout_streams
 from hrl.experiment import ExperimentConfig, init_pretrain_state
 from hrl.infra.config import ConfigError, load_config
 from hrl.models.backbones import ModelConfig
@@ -85,6 +85,29 @@ def test_expert_labels_are_the_clean_experts_distribution_on_the_noisy_experts_s
     taken = pretrain.online_batches(ENV, ENV.pretrain_params(), pretrain.taken_action_targets(make_expert(ENV, 0.0), 4), 64)
     taken_targets = jax.device_get(jax.jit(taken)(jax.random.key(9)).targets)
     assert np.all(clean_targets[taken_targets.astype(bool)] > 0)
+
+
+def test_posterior_labels_average_the_clean_labels_over_the_tasks_the_episode_leaves_possible():
+    params = ENV.pretrain_params()
+    streams = jax.jit(lambda key: rollout_streams(ENV, params, make_task_blind_labelled_expert(ENV, 0.2), key, 32, 100))
+    task_blind = jax.device_get(streams(jax.random.key(9)))
+    plain = jax.device_get(jax.jit(lambda key: rollout_streams(ENV, params, make_labelled_expert(ENV, 0.2), key, 32, 100))(
+        jax.random.key(9)))
+    np.testing.assert_array_equal(task_blind.obs, plain.obs)  # the same episodes, labelled two ways
+    targets = np.asarray(jax.jit(pretrain.posterior_targets, static_argnums=1)(task_blind, False))
+    np.testing.assert_allclose(targets.sum(-1), 1.0, atol=1e-5)
+    view = task_blind.labels
+    # Where every task still possible heads for the same colour, the posterior is the label itself.
+    spread = np.where(view.consistent[..., None], view.clean, np.nan)
+    agree = np.nanmax(spread, axis=-2) - np.nanmin(spread, axis=-2)
+    agreed = np.all(agree < 1e-6, axis=-1)
+    np.testing.assert_allclose(targets[agreed], plain.labels[agreed], atol=1e-5)
+    # Elsewhere it mixes the possible tasks' moves until the moves single one out.
+    assert agreed.mean() > 0.3 and np.mean(np.abs(targets[~agreed] - plain.labels[~agreed]).sum(-1) > 0.05) > 0.3
+    # At an episode's first step nothing has been seen but the layout: every task alike (uniform
+    # prior over layouts that are not redrawn), each episode afresh.
+    first = np.diff(task_blind.segments, axis=1, prepend=-1) != 0
+    np.testing.assert_allclose(targets[first], view.clean[first].mean(-2), atol=1e-5)
 
 
 def test_expert_labels_need_online_data():

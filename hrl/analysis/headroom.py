@@ -20,59 +20,44 @@ import jax
 import jax.numpy as jnp
 
 from envs import experts
-from envs.grid_pinpad import GridPinpad, task_steps_needed
+from envs.grid_pinpad import GridPinpad
+from hrl.algos.pretrain import posterior_targets
+from hrl.data.expert import rollout_streams
 
 
-def step_cross_entropies(model, env: GridPinpad, epsilon: float, keys: jax.Array) -> dict[str, jax.Array]:
-    """Per step [episodes, horizon] of D's expert episodes (one per key, on the pretraining tasks):
-    the cross-entropy to the label of the Bayes predictor (`bayes`) and of `model` (`model`), the
-    label's own entropy (`ties`: the expert's choice among equally short moves, which no predictor
-    can foresee; the Bayes floor where the next colour is set), `valid` (the step happened) and
-    `open` (the next subgoal is not yet set)."""
+def step_cross_entropies(model, env: GridPinpad, epsilon: float, key: jax.Array, sequences: int) -> dict[str, jax.Array]:
+    """Per step [sequences, horizon] of D's expert episodes, packed back to back as in
+    pretraining (`rollout_streams`): the cross-entropy to the label of the Bayes predictor
+    (`bayes`, which is `hrl.algos.pretrain.posterior_targets`) and of `model` (`model`), the
+    label's own entropy (`ties`: the expert's choice among equally short moves, which no
+    predictor can foresee; the Bayes floor where the next colour is set) and `open` (the next
+    subgoal is not yet set)."""
     params = env.pretrain_params()
-    tasks = jnp.arange(params.tasks.size)
 
-    def episode(key):
-        key_reset, key_steps = jax.random.split(key)
-        obs, state = env.reset(key_reset, params)
-        # With solvable_only the drawn task's layout is doable, so the prior is uniform over the
-        # doable tasks (uniform over all where layouts are not redrawn, or the redraws gave up).
-        doable = jax.vmap(lambda k: task_steps_needed(state, params.tasks, k) <= env.horizon)(tasks)
-        prior_allows = doable | (not env.solvable_only) | ~doable[state.task]
+    def expert(key, state, params):
+        action, label = experts.labelled_action(key, state, params, epsilon)
+        return action, (label, experts.per_task(state, params, epsilon, env.horizon), state.progress % 2 == 0)
 
-        def step(carry, key):
-            obs, state, cache, done, log_posterior = carry
-            key_action, key_env = jax.random.split(key)
-            out, cache, _ = model.step(cache, obs)
-            consistent, clean, moves = experts.per_task(state, params, epsilon)
-            log_posterior = jnp.where(consistent, log_posterior, -jnp.inf)
-            bayes = jax.nn.softmax(log_posterior) @ clean
-            label = clean[state.task]
-            action, _ = experts.labelled_action(key_action, state, params, epsilon)
-            record = {
-                "valid": ~done,
-                "open": state.progress % 2 == 0,
-                "bayes": -jnp.sum(label * jnp.log(jnp.maximum(bayes, 1e-12))),
-                "model": -jnp.sum(label * jax.nn.log_softmax(out.action_params)),
-                "ties": -jnp.sum(label * jnp.log(jnp.where(label > 0, label, 1.0))),
-            }
-            log_posterior = log_posterior + jnp.log(jnp.maximum(moves[:, action], 1e-30))
-            obs, new_state, _, terminated, truncated, _ = env.step(key_env, state, action, params)
-            state = jax.tree.map(lambda old, new: jnp.where(done, old, new), state, new_state)
-            return (obs, state, cache, done | terminated | truncated, log_posterior), record
+    @jax.jit
+    def measure(key):
+        streams = rollout_streams(env, params, expert, key, sequences, env.max_steps)
+        label, view, is_open = streams.labels
+        bayes = posterior_targets(streams._replace(labels=view), env.solvable_only)
+        logits = model(streams.obs, segments=streams.segments).action_params
 
-        init = (obs, state, model.init_cache(), jnp.bool_(False), jnp.where(prior_allows, 0.0, -jnp.inf))
-        _, records = jax.lax.scan(step, init, jax.random.split(key_steps, env.max_steps))
-        return records
+        def cross_entropy(log_probabilities):
+            return -jnp.sum(label * jnp.where(label > 0, log_probabilities, 0.0), axis=-1)
 
-    return jax.jit(jax.vmap(episode))(keys)
+        return {"open": is_open, "bayes": cross_entropy(jnp.log(bayes)), "model": cross_entropy(jax.nn.log_softmax(logits)),
+                "ties": cross_entropy(jnp.log(jnp.where(label > 0, label, 1.0)))}
+
+    return measure(key)
 
 
 def summarise(records: dict[str, jax.Array]) -> dict[str, float]:
-    """Mean cross-entropies over the valid steps, all of them and split by `open`."""
+    """Mean cross-entropies over the steps, all of them and split by `open`."""
     summary = {}
-    for name, where in (("all", records["valid"]), ("open", records["valid"] & records["open"]),
-                        ("set", records["valid"] & ~records["open"])):
+    for name, where in (("all", jnp.ones_like(records["open"])), ("open", records["open"]), ("set", ~records["open"])):
         steps = jnp.sum(where)
         summary[f"{name}/steps"] = int(steps)
         for predictor in ("bayes", "model", "ties"):
