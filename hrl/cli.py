@@ -3,7 +3,7 @@
     hrl collect  [--preset gridworld/quick] [--runs-dir runs] [--seed K] [--overwrite] [key.sub=value ...]
     hrl train-bc [--preset gridworld/quick] [--runs-dir runs] [--seed K] [--overwrite] [key.sub=value ...]
     hrl render   [--preset ...] [--episode N] [--clean] [--output PATH] [--fps F] [key.sub=value ...]
-    hrl headroom [--sequences N]   (same options as collect; the grid base model against the Bayes floor)
+    hrl headroom [--sequences N] [--episodes N]   (same options as collect; the grid base model against the Bayes floor)
     hrl probe | hrl controllers [--oracle]   (same options as collect)
     hrl discover [--variant frozen|beta1|cotrained] [--seeds 0,1,2]   (same options as collect)
     hrl internal-rl [--variant frozen|beta1|cotrained] [--seeds 0,1,2]   (same options as collect)
@@ -129,16 +129,22 @@ def headroom_command(config: ExperimentConfig, args: argparse.Namespace) -> None
     env = config.env.make()
     if env.name != "GridPinpad-v0" or config.pretrain.labels not in ("expert", "posterior"):
         raise ConfigError("headroom: needs gridworld-pinpad and pretrain.labels expert or posterior (it measures against the former)")
-    if args.sequences < 1:
-        raise ConfigError(f"--sequences: must be >= 1, got {args.sequences}")
+    for name in ("sequences", "episodes"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name}: must be >= 1, got {getattr(args, name)}")
     model = load_base_model(config, args.runs_dir).module()
-    records = headroom.step_cross_entropies(model, env, config.collect.epsilon, stage_key(config, "headroom"), args.sequences)
-    summary = headroom.summarise(records)
+    epsilon = config.collect.epsilon
+    summary = headroom.summarise(headroom.step_cross_entropies(model, env, epsilon, stage_key(config, "headroom"), args.sequences))
+    success = headroom.closed_loop_success(model, env, epsilon, stage_key(config, "headroom_closed_loop"), args.episodes)
     output = run_pretrain(config, args.runs_dir).path / "headroom.json"
-    output.write_text(json.dumps({"sequences": args.sequences, **summary}, indent=2) + "\n")
+    output.write_text(json.dumps({"sequences": args.sequences, **summary, "closed_loop/episodes": args.episodes,
+                                  **{f"closed_loop/{name}_success": value for name, value in success.items()}},
+                                 indent=2) + "\n")
     for part, meaning in (("all", "every step"), ("open", "next subgoal open"), ("set", "next colour set")):
         print(f"headroom: {meaning}: model {summary[part + '/model']:.4f} vs Bayes floor {summary[part + '/bayes']:.4f} "
               f"nats/step ({summary[part + '/steps']} steps)")
+    print(f"headroom: any pretraining task, closed loop: model {success['model']:.3f} vs Bayes task-blind policy "
+          f"{success['bayes']:.3f} success ({args.episodes} episodes)")
     print(f"headroom: wrote {output}")
 
 
@@ -231,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
                           [common])
     headroom_parser.add_argument("--sequences", type=int, default=256,
                                  help="sequences of horizon steps of expert episodes back to back (default: %(default)s)")
+    headroom_parser.add_argument("--episodes", type=int, default=256,
+                                 help="closed-loop 'any pretraining task' episodes of the model and of the Bayes "
+                                      "task-blind policy, on the same layouts (default: %(default)s)")
     render = add("render", render_command, "draw one episode of the collected expert data as a GIF", [common])
     render.add_argument("--episode", type=int, default=0, help="episode index in the dataset (default: %(default)s)")
     render.add_argument("--clean", action="store_true", help="from D* (epsilon 0) instead of D")

@@ -8,7 +8,10 @@ expert's moves) and averages the tasks' clean distributions over the posterior o
 the layout and the moves so far. Its cross-entropy to the labels is the floor of the pretraining
 loss; a base model's excess over it is what better training could still gain, and the split by
 whether the next subgoal is open (even progress: a subgoal just done, or none begun) or set (odd
-progress: the pair's second colour is next) says where.
+progress: the pair's second colour is next) says where. Closed loop, the Bayes predictor is a
+policy too: sampling its distribution and feeding its own moves back as evidence, it is what a
+perfectly trained task-blind base model would do, and its "any pretraining task" success is the
+ceiling of the base model's (`closed_loop_success`).
 
 The prior leaves out that a task's layouts are redrawn at different rates (the chance that a
 uniform layout is doable differs a little between tasks), so the floor is approximate.
@@ -21,8 +24,9 @@ import jax.numpy as jnp
 
 from envs import experts
 from envs.grid_pinpad import GridPinpad
-from hrl.algos.pretrain import posterior_targets
+from hrl.algos.pretrain import posterior_targets, task_evidence, task_mixture, task_prior
 from hrl.data.expert import rollout_streams
+from hrl.models import rollout
 
 
 def step_cross_entropies(model, env: GridPinpad, epsilon: float, key: jax.Array, sequences: int) -> dict[str, jax.Array]:
@@ -63,3 +67,45 @@ def summarise(records: dict[str, jax.Array]) -> dict[str, float]:
         for predictor in ("bayes", "model", "ties"):
             summary[f"{name}/{predictor}"] = float(jnp.sum(jnp.where(where, records[predictor], 0.0)) / steps)
     return summary
+
+
+def bayes_policy_episode(env: GridPinpad, params, epsilon: float, key: jax.Array) -> rollout.Episode:
+    """One "any task" episode of the Bayes-optimal task-blind policy: at every step it samples the
+    posterior-averaged clean expert distribution (the pretraining floor's predictor), then weighs
+    the tasks by how likely D's noisy expert would have made its move. The keys are used as in
+    `rollout.run_episode`, so a key gives the same layout to both."""
+    key_reset, key_steps = jax.random.split(key)
+    _, state = env.reset(key_reset, params)
+    log_posterior = task_prior(experts.per_task(state, params, epsilon, env.horizon), env.solvable_only)
+
+    def step(carry, key):
+        state, log_posterior, done, success, progress, length = carry
+        key_act, key_env = jax.random.split(key)
+        view = experts.per_task(state, params, epsilon, env.horizon)
+        # In an any-task episode the tasks still possible are the env's alive ones.
+        possible, distribution = task_mixture(log_posterior, state.alive, view.clean)
+        action = jax.random.categorical(key_act, jnp.log(distribution))
+        _, new_state, _, terminated, truncated, info = env.step(key_env, state, action, params)
+        state = jax.tree.map(lambda old, new: jnp.where(done, old, new), state, new_state)
+        success = success | (~done & info["success"])
+        progress = jnp.where(done, progress, info["progress"])
+        length = length + (~done).astype(jnp.int32)
+        return (state, task_evidence(possible, view, action), done | terminated | truncated, success, progress, length), None
+
+    init = (state, log_posterior, jnp.bool_(False), jnp.bool_(False), jnp.int32(0), jnp.int32(0))
+    (*_, success, progress, length), _ = jax.lax.scan(step, init, jax.random.split(key_steps, env.max_steps))
+    return rollout.Episode(success, progress, length)
+
+
+def closed_loop_success(model, env: GridPinpad, epsilon: float, key: jax.Array, episodes: int) -> dict[str, float]:
+    """"Any pretraining task" success of `model` (sampling, as the pretrain stage evaluates it) and
+    of the Bayes-optimal task-blind policy, on the same `episodes` layouts."""
+    params = env.pretrain_params(any_task=True)
+    keys = jax.random.split(key, episodes)
+
+    @jax.jit
+    def measure():
+        bayes = jax.vmap(lambda k: bayes_policy_episode(env, params, epsilon, k))(keys)
+        return {"model": rollout.evaluate(model, env, params, keys)["success_rate"], "bayes": jnp.mean(bayes.success)}
+
+    return {name: float(value) for name, value in measure().items()}
