@@ -2,8 +2,10 @@
 
 import getpass
 import os
+import platform
 import shutil
 import tempfile
+import zlib
 from pathlib import Path
 
 import jax
@@ -20,11 +22,25 @@ from hrl.infra.config import load_config
 # longer, the suite less (with the cache below, CI's pytest went from 847 s to 625 s). Set before
 # jax starts its backend, which it does at the first computation.
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+
+
+def host_cpu_fingerprint() -> str:
+    """A hash of the CPU's feature flags. XLA compiles for the host's instruction set, but jax's
+    cache key leaves it out: entries written on another CPU load with a warning that they may
+    crash (SIGILL), as happened here with a temporary directory restored on a new machine."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.platform() + platform.processor()
+    return f"{zlib.crc32(flags.encode()):08x}"
+
+
 # Several tests build the same tiny stages, on two pytest workers. A persistent compilation cache
 # shared by the workers compiles each program once (JAX keys it by the program, the compile options
-# and its own version, so a stale entry is never used). One run of the suite fills about 50 MB;
+# and its own version; the directory's name adds the CPU). One run of the suite fills about 50 MB;
 # jax's size cap would need the filelock package, and without it jax reads no entry at all.
-jax.config.update("jax_compilation_cache_dir", str(Path(tempfile.gettempdir()) / f"hrl-tests-jax-cache-{getpass.getuser()}"))
+CACHE_DIR = Path(tempfile.gettempdir()) / f"hrl-tests-jax-cache-{getpass.getuser()}-{host_cpu_fingerprint()}"
+jax.config.update("jax_compilation_cache_dir", str(CACHE_DIR))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 # Seconds on a CPU: short episodes, a one-block transformer, a few updates of each stage. epsilon 0

@@ -22,6 +22,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 # float32 sums taken in another order on 2 devices, through a few Adam steps at a large learning rate
 TOLERANCE = dict(rtol=1e-3, atol=1e-4)
+ADAM_NOISE = 0.02  # of the chunk's largest parameter change (internal RL, one AVX-512 CPU: 0.007)
 
 
 def run_script(*args: str, devices: int = 2, extra_env: dict | None = None, timeout: int = 240,
@@ -152,17 +153,22 @@ def _compare(state, make_chunk, mesh, trained=lambda state: state.params, compar
     compiled = lowered.compile()
     sharded_state, sharded_metrics = compiled(sharded_input)
     metrics = [(np.asarray(single_metrics[name]), np.asarray(sharded_metrics[name])) for name in single_metrics]
-    params = zip(jax.tree.leaves(jax.device_get((trained(single_state), compared(single_state)))),
-                 jax.tree.leaves(jax.device_get((trained(sharded_state), compared(sharded_state)))))
-    changed = jax.tree.leaves(jax.tree.map(lambda a, b: not np.array_equal(a, b), trained(state),
-                                           trained(single_state)))
+    initial, single, sharded = (jax.tree.leaves(jax.device_get(trained(s))) for s in (state, single_state, sharded_state))
+    # Adam turns a gradient's float noise into a step of up to the learning rate, so the trained
+    # parameters may differ by a small share of how far the chunk moved them; a batch split wrongly
+    # would differ by about all of it.
+    moved = max(float(np.max(np.abs(a - b))) for a, b in zip(single, initial))
+    trained_close = [np.allclose(a, b, rtol=TOLERANCE["rtol"], atol=max(TOLERANCE["atol"], ADAM_NOISE * moved))
+                     for a, b in zip(single, sharded)]
+    others = zip(jax.tree.leaves(jax.device_get(compared(single_state))), jax.tree.leaves(jax.device_get(compared(sharded_state))))
     return {"metrics_close": all(np.allclose(a, b, **TOLERANCE) for a, b in metrics),
             "worst_metric": max(float(np.max(np.abs(a - b))) for a, b in metrics),
-            "params_close": all(np.allclose(a, b, **TOLERANCE) for a, b in params),
+            "params_close": all(trained_close) and all(np.allclose(a, b, **TOLERANCE) for a, b in others),
+            "worst_param": max(float(np.max(np.abs(a - b))) for a, b in zip(single, sharded)), "moved": moved,
             "params_devices": len(jax.tree.leaves(trained(sharded_state))[0].sharding.device_set),
             "batch_sharded": '{"batch"}' in lowered.as_text(),  # the constraint is in the program
             "all_reduce": "all-reduce" in compiled.as_text(),  # and XLA split the work across devices
-            "params_changed": any(changed)}
+            "params_changed": moved > 0}
 
 
 TINY_MODEL = dict(num_layers=1, width=16, num_heads=2, mlp_width=32, max_len=16)
