@@ -88,9 +88,9 @@ class TaskView(NamedTuple):
 
 
 def per_task(state: GridState, params: pinpad.PinpadParams, epsilon: float | jax.Array, horizon: int) -> TaskView:
-    """`TaskView` at `state` of an episode of a drawn task (params.any_task False). `clean` and
-    `moves` mean something only where `consistent`; at an episode's first step `doable` is what
-    `solvable_only` redraws for. One shortest-path search per colour (8) serves all K tasks."""
+    """`TaskView` at `state`. `clean` and `moves` mean something only where `consistent`; at an
+    episode's first step `doable` is what `solvable_only` redraws for. One shortest-path search
+    per colour (8) serves all K tasks."""
     colours = jnp.arange(state.colour_cells.shape[0])
     dist = jax.vmap(lambda c: distances_to(state.colour_cells[c], obstacles(state, c)))(colours)  # [8, 49]
     optimal, safe, reachable = jax.vmap(lambda c, d: moves_towards(state, c, d))(colours, dist)
@@ -99,7 +99,9 @@ def per_task(state: GridState, params: pinpad.PinpadParams, epsilon: float | jax
 
     tasks = params.tasks.colours  # [K, L], -1 after a task's end
     visited = tasks[state.task]  # the drawn task, of which the first `progress` colours are visited
-    consistent = jnp.all((tasks == visited) | (jnp.arange(tasks.shape[1]) >= state.progress), axis=1)
+    begins_alike = jnp.all((tasks == visited) | (jnp.arange(tasks.shape[1]) >= state.progress), axis=1)
+    # With any_task the env keeps exactly those tasks alive; the drawn task is not the one pursued.
+    consistent = jnp.where(params.any_task, state.alive, begins_alike)
     next_colour = jnp.maximum(tasks[:, jnp.minimum(state.progress, tasks.shape[1] - 1)], 0)
     # A leg from a cell: its distance, or one step more than its best neighbour's when the cell is
     # itself an obstacle of the map (the colour just visited, where the next leg starts).

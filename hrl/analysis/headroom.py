@@ -82,8 +82,7 @@ def bayes_policy_episode(env: GridPinpad, params, epsilon: float, key: jax.Array
         state, log_posterior, done, success, progress, length = carry
         key_act, key_env = jax.random.split(key)
         view = experts.per_task(state, params, epsilon, env.horizon)
-        # In an any-task episode the tasks still possible are the env's alive ones.
-        possible, distribution = task_mixture(log_posterior, state.alive, view.clean)
+        possible, distribution = task_mixture(log_posterior, view.consistent, view.clean)
         action = jax.random.categorical(key_act, jnp.log(distribution))
         _, new_state, _, terminated, truncated, info = env.step(key_env, state, action, params)
         state = jax.tree.map(lambda old, new: jnp.where(done, old, new), state, new_state)
