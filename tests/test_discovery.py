@@ -50,6 +50,18 @@ def test_discovery_learns_and_leaves_the_frozen_base_model_bitwise_unchanged(cle
     jax.tree.map(np.testing.assert_array_equal, host_copy(nnx.state(base)), before)
 
 
+def test_alpha_is_free_during_the_kl_delay_and_charged_after_it(clean_data, base):
+    cfg = discovery.DiscoveryConfig(alphas=(0.5,), batch_size=4, num_updates=20, updates_per_chunk=10,
+                                    kl_delay_updates=10, kl_warmup_updates=5)
+    np.testing.assert_allclose(discovery.kl_scale(cfg, jnp.arange(16)), [0.0] * 10 + [0.2, 0.4, 0.6, 0.8, 1.0, 1.0])
+    state = discovery.init(jax.random.key(0), cfg, META, "frozen", base)
+    episodes = discovery.dataset_episodes(clean_data, cfg.batch_size)
+    _, (delayed, charged) = train(state, discovery.make_train_chunk(cfg, META, base, 1, episodes), cfg.num_chunks)
+    # The logged loss is NLL + scale x alpha x KL, averaged over the chunk's updates.
+    assert delayed["loss/alpha_0.5"] == pytest.approx(delayed["action_nll/alpha_0.5"])
+    assert charged["loss/alpha_0.5"] > charged["action_nll/alpha_0.5"] + 0.1 * charged["kl/alpha_0.5"]
+
+
 def test_cotraining_trains_a_fresh_base_model_per_alpha(clean_data, base):
     cfg = discovery.DiscoveryConfig(alphas=(0.0, 1.0), learning_rate=1e-2, batch_size=8, num_updates=20,
                                     updates_per_chunk=10)
