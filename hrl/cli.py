@@ -135,16 +135,20 @@ def headroom_command(config: ExperimentConfig, args: argparse.Namespace) -> None
     model = load_base_model(config, args.runs_dir).module()
     epsilon = config.collect.epsilon
     summary = headroom.summarise(headroom.step_cross_entropies(model, env, epsilon, stage_key(config, "headroom"), args.sequences))
-    success = headroom.closed_loop_success(model, env, epsilon, stage_key(config, "headroom_closed_loop"), args.episodes)
+    closed_loop_key = stage_key(config, "headroom_closed_loop")
+    success = headroom.closed_loop_success(model, env, epsilon, closed_loop_key, args.episodes)
+    failures = headroom.closed_loop_failures(model, env, closed_loop_key, args.episodes)
     output = run_pretrain(config, args.runs_dir).path / "headroom.json"
     output.write_text(json.dumps({"sequences": args.sequences, **summary, "closed_loop/episodes": args.episodes,
-                                  **{f"closed_loop/{name}_success": value for name, value in success.items()}},
-                                 indent=2) + "\n")
+                                  **{f"closed_loop/{name}_success": value for name, value in success.items()},
+                                  "closed_loop/model_failures": failures}, indent=2) + "\n")
     for part, meaning in (("all", "every step"), ("open", "next subgoal open"), ("set", "next colour set")):
         print(f"headroom: {meaning}: model {summary[part + '/model']:.4f} vs Bayes floor {summary[part + '/bayes']:.4f} "
               f"nats/step ({summary[part + '/steps']} steps)")
     print(f"headroom: any pretraining task, closed loop: model {success['model']:.3f} vs Bayes task-blind policy "
           f"{success['bayes']:.3f} success ({args.episodes} episodes)")
+    print("headroom: the model's failures: " + ", ".join(f"{kind} {count}" for kind, count in
+                                                          sorted(failures.items(), key=lambda item: -item[1])))
     print(f"headroom: wrote {output}")
 
 

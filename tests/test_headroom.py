@@ -3,6 +3,7 @@
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from envs.grid_pinpad import GridPinpad
@@ -37,6 +38,34 @@ def test_the_bayes_policy_completes_any_task_episodes_the_untrained_model_fails(
     assert success["model"] < 0.5
 
 
+def test_a_wrong_colour_is_told_by_the_subgoal_done_and_the_one_stepped_onto():
+    env = GridPinpad(horizon=40)
+    params = env.pretrain_params(any_task=True)
+    _, state = env.reset(jax.random.key(0), params)
+    # Agent at the centre (cell 24); colours 0 and 1 to its right, colour 2 below colour 1, the
+    # others on the top row, walls on the bottom row.
+    state = state.replace(agent=jnp.int32(24), colour_cells=jnp.array([25, 26, 33, 0, 1, 2, 3, 4]),
+                          wall_cells=jnp.array([42, 43, 44, 45]))
+    watch = headroom.wrong_colour_watch(params)
+    seen = []
+    for action in (1, 1, 2):  # right onto colour 0, right onto 1 (subgoal A done), down onto 2
+        _, next_state, *_ = env.step(None, state, jnp.int32(action), params)
+        seen.append(np.asarray(watch(state, next_state)).tolist())
+        state = next_state
+    # No pretraining task has B after A: the episode ends there, with the next subgoal open.
+    assert seen == [[0, -1, -1], [0, -1, -1], [1, 0, 1]]
+
+
+def test_the_failures_of_the_closed_loop_episodes_add_up(base):
+    env = GridPinpad(horizon=40, solvable_only=True)
+    key = jax.random.key(1)
+    success = headroom.closed_loop_success(base, env, 0.2, key, 16)
+    failures = headroom.closed_loop_failures(base, env, key, 16)
+    assert sum(failures.values()) == round(16 * (1 - success["model"])) > 0
+    assert all(kind in ("truncated", "wrong_colour_within_subgoal") or kind.split("->")[1] in "ABCD"
+               for kind in failures)
+
+
 def test_headroom_command_writes_its_summary_next_to_the_base_model(runs_copy, capsys):
     runs, tiny = runs_copy
     assert cli.main(["headroom", "--runs-dir", str(runs), "--sequences", "4", "--episodes", "8", *tiny]) == 0
@@ -45,6 +74,7 @@ def test_headroom_command_writes_its_summary_next_to_the_base_model(runs_copy, c
     # Uniform layouts here (env.solvable_only=false): some leave no pretraining task doable.
     assert summary["closed_loop/episodes"] == 8
     assert summary["closed_loop/bayes_success"] > summary["closed_loop/model_success"] >= 0
+    assert sum(summary["closed_loop/model_failures"].values()) == round(8 * (1 - summary["closed_loop/model_success"]))
     assert "Bayes floor" in capsys.readouterr().out
     assert cli.main(["headroom", "--runs-dir", str(runs), "--sequences", "0", *tiny]) == 2
     assert cli.main(["headroom", "--runs-dir", str(runs), "--episodes", "0", *tiny]) == 2

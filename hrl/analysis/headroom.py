@@ -11,7 +11,10 @@ whether the next subgoal is open (even progress: a subgoal just done, or none be
 progress: the pair's second colour is next) says where. Closed loop, the Bayes predictor is a
 policy too: sampling its distribution and feeding its own moves back as evidence, it is what a
 perfectly trained task-blind base model would do, and its "any pretraining task" success is the
-ceiling of the base model's (`closed_loop_success`).
+ceiling of the base model's (`closed_loop_success`). `closed_loop_failures` says how the
+model's episodes fail: mostly, right after a subgoal X, by stepping onto a colour of a subgoal
+that no pretraining task has after X (re-run seed 0, 512 episodes: A->B 55, C->D 31 of 170
+failures, 43 out of time).
 
 The prior leaves out that a task's layouts are redrawn at different rates (the chance that a
 uniform layout is doable differs a little between tasks), so the floor is approximate.
@@ -21,8 +24,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from envs import experts
+from envs import experts, pinpad
 from envs.grid_pinpad import GridPinpad
 from hrl.algos.pretrain import posterior_targets, task_evidence, task_mixture, task_prior
 from hrl.data.expert import rollout_streams
@@ -94,6 +98,48 @@ def bayes_policy_episode(env: GridPinpad, params, epsilon: float, key: jax.Array
     init = (state, log_posterior, jnp.bool_(False), jnp.bool_(False), jnp.int32(0), jnp.int32(0))
     (*_, success, progress, length), _ = jax.lax.scan(step, init, jax.random.split(key_steps, env.max_steps))
     return rollout.Episode(success, progress, length)
+
+
+AFTER = ("A", "B", "C", "D", "start")  # by the subgoal completed last; "start": none yet
+
+
+def wrong_colour_watch(params):
+    """`watch(state, next_state)` for `rollout.run_episode`: [3] int32, (1 if the step entered a
+    colour that ended the episode, else 0; and where it did so with the next subgoal open (even
+    progress: the choice a task-blind model must make), the subgoal completed last (4: none yet)
+    and the subgoal of the colour stepped onto, else -1 and -1)."""
+
+    def watch(state, next_state) -> jax.Array:
+        colours = params.tasks.colours[pinpad.first_alive(state.alive)]
+        last = jnp.where(state.progress > 0, colours[jnp.maximum(state.progress - 1, 0)] // 2, 4)
+        on_colour = state.colour_cells == next_state.agent
+        wrong = (next_state.agent != state.agent) & jnp.any(on_colour) & ~jnp.any(next_state.alive)
+        choice = jnp.where(wrong & (state.progress % 2 == 0), jnp.stack([last, jnp.argmax(on_colour) // 2]), -1)
+        return jnp.concatenate([wrong[None].astype(jnp.int32), choice])
+
+    return watch
+
+
+def closed_loop_failures(model, env: GridPinpad, key: jax.Array, episodes: int) -> dict[str, int]:
+    """How `model`'s "any pretraining task" episodes end without success (same keys, same layouts
+    as `closed_loop_success`): `X->Y` counts those that, right after subgoal X (`start`: before
+    any), stepped onto a colour of subgoal Y that no task continuing the history has next;
+    `wrong_colour_within_subgoal` those that stepped onto a wrong colour inside a subgoal;
+    `truncated` those that ran out of time."""
+    params = env.pretrain_params(any_task=True)
+
+    @jax.jit
+    def run(keys):
+        return jax.vmap(lambda k: rollout.run_episode(model, env, params, k, watch=wrong_colour_watch(params)))(keys)
+
+    result = jax.device_get(run(jax.random.split(key, episodes)))
+    wrong, last, chosen = result.watched[np.arange(episodes), np.maximum(result.length - 1, 0)].T
+    counts = {"truncated": int(np.sum(~result.success & (wrong == 0))),
+              "wrong_colour_within_subgoal": int(np.sum((wrong == 1) & (last < 0)))}
+    for x, y in zip(last[last >= 0], chosen[last >= 0]):
+        name = f"{AFTER[x]}->{AFTER[y]}"
+        counts[name] = counts.get(name, 0) + 1
+    return counts
 
 
 def closed_loop_success(model, env: GridPinpad, epsilon: float, key: jax.Array, episodes: int) -> dict[str, float]:

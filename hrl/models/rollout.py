@@ -8,7 +8,7 @@ done: each environment step costs one cached model step.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,12 +20,16 @@ class Episode(NamedTuple):
     success: jax.Array  # bool
     progress: jax.Array  # colours correctly visited when the episode ended
     length: jax.Array  # steps taken
+    watched: Any = None  # per step, what `run_episode`'s `watch` recorded (None without one)
 
 
 def run_episode(
-    model: Any, env: Env, env_params: Any, key: jax.Array, *, greedy: bool = False
+    model: Any, env: Env, env_params: Any, key: jax.Array, *, greedy: bool = False,
+    watch: Callable[[Any, Any], Any] | None = None,
 ) -> Episode:
-    """One episode of the unsteered model, sampling its actions (the most likely one if greedy)."""
+    """One episode of the unsteered model, sampling its actions (the most likely one if greedy).
+    `watch(state, next_state)`, if given, is recorded at every step of the scan: the steps from
+    `length` on come after the episode's end, and what they record means nothing."""
     key_reset, key_steps = jax.random.split(key)
     obs, state = env.reset(key_reset, env_params)
 
@@ -36,16 +40,17 @@ def run_episode(
         action_dist = model.action_dist
         action = action_dist.mode(out.action_params) if greedy else action_dist.sample(out.action_params, key_act)
         obs, new_state, _, terminated, truncated, info = env.step(key_env, state, action, env_params)
+        watched = None if watch is None else watch(state, new_state)
         # Freeze the episode's results once it has ended; later steps are discarded.
         state = jax.tree.map(lambda old, new: jnp.where(done, old, new), state, new_state)
         success = success | (~done & info["success"])
         progress = jnp.where(done, progress, info["progress"])
         length = length + (~done).astype(jnp.int32)
-        return (obs, state, cache, done | terminated | truncated, success, progress, length), None
+        return (obs, state, cache, done | terminated | truncated, success, progress, length), watched
 
     init = (obs, state, model.init_cache(), jnp.bool_(False), jnp.bool_(False), jnp.int32(0), jnp.int32(0))
-    (*_, success, progress, length), _ = jax.lax.scan(step, init, jax.random.split(key_steps, env.max_steps))
-    return Episode(success, progress, length)
+    (*_, success, progress, length), watched = jax.lax.scan(step, init, jax.random.split(key_steps, env.max_steps))
+    return Episode(success, progress, length, watched)
 
 
 def evaluate(model: Any, env: Env, env_params: Any, keys: jax.Array, greedy: bool = False) -> dict[str, jax.Array]:
