@@ -335,7 +335,13 @@ def pretrain_batches(config: ExperimentConfig, runs_dir: str | Path, env: envs.E
         else:
             noisy_expert = collect_experts(config, runs_dir, env)[0]
             labelled = pretrain.taken_action_targets(noisy_expert, env.action_space)
-        return pretrain.online_batches(env, env.pretrain_params(), labelled, cfg.batch_size)
+        step_weight = None
+        if cfg.boundary_weight != 1:
+            if env.name != "GridPinpad-v0":
+                raise ConfigError(f"pretrain.boundary_weight: subgoal boundaries are gridworld-pinpad's colour pairs; "
+                                  f"{env.name} needs 1, got {cfg.boundary_weight}")
+            step_weight = pretrain.boundary_weight(cfg.boundary_weight)
+        return pretrain.online_batches(env, env.pretrain_params(), labelled, cfg.batch_size, step_weight=step_weight)
     dataset = expert.load_dataset(run_collect(config, runs_dir).path / EXPERT_DATA)
     return pretrain.dataset_batches(dataset, cfg.batch_size, env.action_space)
 

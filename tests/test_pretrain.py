@@ -46,7 +46,8 @@ def test_losses_fall_on_a_tiny_run(dataset):
 def test_online_batches_are_fresh_expert_episodes_packed_back_to_back_and_train():
     expert = pretrain.taken_action_targets(make_expert(ENV, 0.0), 4)
     sample = pretrain.online_batches(ENV, ENV.pretrain_params(), expert, batch_size=16)
-    obs, targets, mask, segments = jax.jit(sample)(jax.random.key(7))
+    obs, targets, mask, segments, weights = jax.jit(sample)(jax.random.key(7))
+    assert weights is None  # every step alike unless asked
     assert obs.shape == (16, ENV.max_steps, 637) and targets.shape == (16, ENV.max_steps, 4)
     assert np.all(mask) and np.all(np.isin(targets, [0.0, 1.0])) and np.all(targets.sum(-1) == 1)
     # Episodes follow each other: segments count up by one where an episode ended, and a new
@@ -72,19 +73,43 @@ def test_online_batches_are_fresh_expert_episodes_packed_back_to_back_and_train(
 
 def test_expert_labels_are_the_clean_experts_distribution_on_the_noisy_experts_states():
     noisy = pretrain.online_batches(ENV, ENV.pretrain_params(), make_labelled_expert(ENV, 0.5), 64)
-    obs, targets, mask, segments = jax.device_get(jax.jit(noisy)(jax.random.key(9)))
+    obs, targets, mask, segments, _ = jax.device_get(jax.jit(noisy)(jax.random.key(9)))
     np.testing.assert_allclose(targets.sum(-1), 1.0, rtol=1e-6)
     # Ties among optimal moves give soft targets; half of the moves are random, so the taken
     # moves leave the expert's path and the episodes are longer than the clean expert's.
     assert np.any((targets > 0) & (targets < 1))
     clean = pretrain.online_batches(ENV, ENV.pretrain_params(), make_labelled_expert(ENV, 0.0), 64)
-    _, clean_targets, _, clean_segments = jax.device_get(jax.jit(clean)(jax.random.key(9)))
+    _, clean_targets, _, clean_segments, _ = jax.device_get(jax.jit(clean)(jax.random.key(9)))
     assert segments[:, -1].mean() < 0.8 * clean_segments[:, -1].mean()  # fewer, longer episodes
     # Same key, same clean episodes as the plain expert's: every action it took is one the
     # distribution allows.
     taken = pretrain.online_batches(ENV, ENV.pretrain_params(), pretrain.taken_action_targets(make_expert(ENV, 0.0), 4), 64)
     taken_targets = jax.device_get(jax.jit(taken)(jax.random.key(9)).targets)
     assert np.all(clean_targets[taken_targets.astype(bool)] > 0)
+
+
+def test_boundary_weights_weigh_the_steps_that_choose_the_next_subgoal():
+    weight = pretrain.boundary_weight(3.0)
+    _, state = ENV.reset(jax.random.key(0), ENV.pretrain_params())
+    # Colours visited so far: a pair's second colour is next at odd counts, the first subgoal at 0.
+    assert [float(weight(state.replace(progress=jnp.int32(k)))) for k in range(6)] == [1, 1, 3, 1, 3, 1]
+    labelled = make_labelled_expert(ENV, 0.2)
+    weighted = jax.jit(pretrain.online_batches(ENV, ENV.pretrain_params(), labelled, 16, step_weight=weight))
+    batch = jax.device_get(weighted(jax.random.key(9)))
+    plain = jax.device_get(jax.jit(pretrain.online_batches(ENV, ENV.pretrain_params(), labelled, 16))(jax.random.key(9)))
+    np.testing.assert_array_equal(batch.obs, plain.obs)  # the same episodes
+    np.testing.assert_array_equal(batch.targets, plain.targets)
+    assert set(np.unique(batch.weights)) == {1.0, 3.0}
+    # The loss weighs the action NLL; the logged action NLL stays the plain mean.
+    cfg = pretrain.PretrainConfig(obs_loss_weight=0.0)
+    state = pretrain.init(jax.random.key(1), cfg, MODEL, 637, 4)
+    loss, terms = pretrain.objective(state.params, state.graphdef, pretrain.Batch(*map(jnp.asarray, batch)), cfg)
+    nll = state.module().action_dist.target_nll(state.module()(batch.obs, segments=batch.segments).action_params,
+                                                batch.targets)
+    np.testing.assert_allclose(terms["action_nll"], np.mean(nll), rtol=1e-5)
+    np.testing.assert_allclose(loss, np.sum(nll * batch.weights) / np.sum(batch.weights), rtol=1e-5)
+    with pytest.raises(ConfigError, match="pretrain.boundary_weight"):
+        load_config(ExperimentConfig, "gridworld/quick", ["pretrain.boundary_weight=3", "pretrain.labels=posterior"])
 
 
 def test_posterior_labels_average_the_clean_labels_over_the_tasks_the_episode_leaves_possible():
