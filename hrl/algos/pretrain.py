@@ -82,16 +82,18 @@ compounding over the episode's steps. Runs of the same seed spread widely: seed 
 again here with the current code (the same losses to every printed digit as the code of the
 83.2% base over the first 300 updates) scored 71.5% (62.5% on `hrl headroom`'s 256 episodes).
 
-Where it fails (`hrl headroom`, that re-run, 512 episodes): of 170 failures, 86 stepped right
-after a subgoal X onto a colour of X + 1 (A->B 55, C->D 31: seed 1's re-run errs after B and D
-instead), 43 ran out of time. Those choices are rare in the loss: the model pays for heading
-towards X + 1 only where no possible subgoal lies the same way. Weighing the steps between a
-finished subgoal and the next one's first colour 3x (`boundary_weight`; the same minimiser)
-took seed 0 to 80.1% (256 episodes of the stage's evaluation; 81.5% against 65.6% on 1024
-episodes of the same layouts), with X->X+1 failures down to 3 + 3 of 114 and the rest out of
-time (60) or onto a wrong colour inside a subgoal (30). Its excess over the floor is unchanged
-(0.094 nats per step on 64 sequences), lower where the next subgoal is open (0.094 against
-0.128) and higher where the next colour is set (0.094 against 0.060).
+Where it fails (`hrl headroom`, that re-run, 512 episodes): of 170 failures, 93 stepped right
+after a subgoal X onto a colour of X + 1 (A->B 55, C->D 31, D->A 4, B->C 3; seed 1's re-run: 23
+of 91, D->A 13), 43 ran out of time. Those choices are rare in the loss: the model pays for
+heading towards X + 1 only where no possible subgoal lies the same way. Weighing the steps
+between a finished subgoal and the next one's first colour 3x (`boundary_weight`; the same
+minimiser) took seed 0 to 80.1% (256 episodes of the stage's evaluation; 81.5% against 65.6% on
+1024 episodes of the same layouts), with X->X+1 failures down to 11 of 114 and most of the rest
+out of time (60) or onto a wrong colour inside a subgoal (30). Its excess over the floor did not
+fall (0.094 against 0.089 nats per step, the same 64 sequences): lower where the next subgoal is
+open (0.094 against 0.110), higher where the next colour is set (0.094 against 0.068). Seed 1 gained nothing
+on `hrl headroom`'s episodes (82.2% either way; 80.5% against 77.0% in the stage's evaluation):
+its X->X+1 failures fell from 23 to 9 of 91, its wrong colours inside a subgoal rose from 5 to 25.
 """
 
 from __future__ import annotations
