@@ -1,5 +1,7 @@
 """The base transformer: causal, cached decoding equals the full pass, zero interventions are exact."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -118,17 +120,47 @@ def test_egocentric_model_runs_and_needs_a_grid_shape(obs):
         Transformer(cfg, OBS_DIM, 4, rngs=nnx.Rngs(0))
 
 
-def test_sparse_egocentric_embedding_is_the_dense_linear_map():
+@pytest.mark.parametrize("encoder", ["egocentric_grid", "egocentric_grid_paths"])
+def test_sparse_egocentric_embedding_is_the_dense_linear_map(encoder):
     from envs.grid_pinpad import GridPinpad
     from hrl.models import encoders
 
     env = GridPinpad()
     obs = jax.vmap(lambda k: env.reset(k, env.default_params)[0])(jax.random.split(jax.random.key(0), 64))
-    features = encoders.feature_dim("egocentric_grid", OBS_DIM, env.grid_shape)
+    features = encoders.feature_dim(encoder, OBS_DIM, env.grid_shape)
     kernel = jax.random.normal(jax.random.key(1), (features, 8))
     bias = jax.random.normal(jax.random.key(2), (8,))
-    dense = encoders.encode("egocentric_grid", obs, env.grid_shape) @ kernel + bias
-    np.testing.assert_allclose(encoders.embed("egocentric_grid", obs, kernel, bias, env.grid_shape), dense, atol=1e-4)
+    dense = encoders.encode(encoder, obs, env.grid_shape) @ kernel + bias
+    np.testing.assert_allclose(encoders.embed(encoder, obs, kernel, bias, env.grid_shape), dense, atol=1e-4)
+
+
+def test_path_features_are_the_experts_shortest_path_moves_to_every_colour():
+    from envs import experts
+    from envs import grid_pinpad as gp
+    from hrl.data import expert as expert_data
+    from hrl.models import encoders
+
+    env = gp.GridPinpad(solvable_only=True)
+    params = env.pretrain_params()
+    # States along the clean expert's episodes: the agent often stands on a colour it just visited.
+    episodes = jax.vmap(lambda k: expert_data.rollout_expert(env, params, experts.make_expert(env, 0.0), k))(
+        jax.random.split(jax.random.key(0), 8))
+    obs = episodes.obs[episodes.mask]
+    states = jax.vmap(lambda o: gp.GridState(
+        agent=jnp.argmax(o.reshape(49, 13)[:, 12]), colour_cells=jnp.argmax(o.reshape(49, 13)[:, 4:12], axis=0),
+        wall_cells=jnp.argmax(o.reshape(49, 13)[:, :4], axis=0), task=0, alive=jnp.ones(16, bool), progress=0, t=0))(obs)
+
+    def expert_view(state):
+        colours = jnp.arange(8)
+        distance = jax.vmap(lambda c: gp.distances_to(state.colour_cells[c], gp.obstacles(state, c)))(colours)
+        optimal, _, reachable = jax.vmap(lambda c, d: experts.moves_towards(state, c, d))(colours, distance)
+        return optimal, reachable
+
+    optimal, reachable = jax.vmap(expert_view)(states)
+    features = np.asarray(encoders.path_features(obs, env.grid_shape)).reshape(-1, 8, 5).astype(bool)
+    assert len(obs) > 100 and reachable.all(axis=1).mean() < 1  # some colour out of reach somewhere
+    np.testing.assert_array_equal(features[..., :4], optimal)
+    np.testing.assert_array_equal(features[..., 4], ~reachable)
 
 
 def test_packed_segments_give_each_episode_its_own_outputs(model, obs):
@@ -138,3 +170,50 @@ def test_packed_segments_give_each_episode_its_own_outputs(model, obs):
     np.testing.assert_allclose(packed[:5], model(obs[0, :5]).action_params, atol=1e-5)
     np.testing.assert_allclose(packed[5:], model(obs[0, 5:]).action_params, atol=1e-5)
     assert not np.allclose(packed[5:], model(obs[0]).action_params[5:], atol=1e-3)  # unpacked, they differ
+
+
+def agent_walk(cells: list[int]) -> jax.Array:
+    """Grid observations [T, 637] of an agent in `cells` (the other objects fixed and out of its way)."""
+    from envs.grid_pinpad import GridPinpad, observe
+
+    _, state = GridPinpad().reset(jax.random.key(3), GridPinpad().default_params)
+    return jnp.stack([observe(state.replace(agent=jnp.int32(cell))) for cell in cells])
+
+
+def test_agent_moves_are_read_from_consecutive_observations():
+    from hrl.models import encoders
+
+    walk = agent_walk([24, 24, 17, 24, 23, 24])  # start, stay, up, down, left, right (7 columns)
+    np.testing.assert_array_equal(encoders.agent_moves(walk, (7, 7, 13)), [0, 1, 2, 3, 4, 5])
+    # A packed second episode from step 3 on has no previous step there.
+    segments = jnp.array([0, 0, 0, 1, 1, 1])
+    np.testing.assert_array_equal(encoders.agent_moves(walk, (7, 7, 13), segments), [0, 1, 2, 0, 4, 5])
+
+
+def test_cached_decoding_with_embedded_moves_equals_the_full_pass():
+    cfg = TransformerConfig(num_layers=2, width=16, num_heads=2, mlp_width=16, max_len=8, encoder="egocentric_grid",
+                            embed_moves=True)
+    model = Transformer(cfg, OBS_DIM, 4, grid_shape=(7, 7, 13), rngs=nnx.Rngs(0))
+    walk = agent_walk([24, 25, 25, 18, 17, 24, 31, 30])
+    full = model(walk).action_params
+    cache, stepped = model.init_cache(), []
+    for o in walk:
+        out, cache, _ = model.step(cache, o)
+        stepped.append(out.action_params)
+    np.testing.assert_allclose(jnp.stack(stepped), full, atol=1e-5)
+    # The moves reach the outputs: the same cells in another order give another output where
+    # the move into the cell differs (step 2 stays on 25 instead of arriving from 18).
+    other = model(agent_walk([24, 25, 18, 25, 17, 24, 31, 30])).action_params
+    assert not np.allclose(other[3], full[3], atol=1e-4)
+    packed = model(walk, segments=jnp.where(jnp.arange(8) < 3, 0, 1)).action_params
+    np.testing.assert_allclose(packed[3:], model(walk[3:]).action_params, atol=1e-5)
+    with pytest.raises(ValueError, match="grid shape"):
+        Transformer(dataclasses.replace(cfg, encoder="flat"), OBS_DIM, 4, rngs=nnx.Rngs(0))
+
+
+def test_only_the_transformer_embeds_moves():
+    from hrl.models.backbones import ModelConfig
+
+    ModelConfig(embed_moves=True).validate()
+    with pytest.raises(ValueError, match="embed_moves"):
+        ModelConfig(backbone="hawk", embed_moves=True).validate()

@@ -40,6 +40,7 @@ class ModelConfig:
     relpos_buckets: int = 32
     relpos_max_distance: int = 128
     relpos_init_slope: float = 0.0
+    embed_moves: bool = False
     # hawk only
     rnn_width: int = 256
     conv_width: int = 4
@@ -47,6 +48,8 @@ class ModelConfig:
     def validate(self) -> None:
         if self.backbone not in BACKBONES:
             raise ValueError(f"backbone: must be one of {BACKBONES}, got {self.backbone!r}")
+        if self.embed_moves and self.backbone != "transformer":
+            raise ValueError("embed_moves: only the transformer embeds the grid agent's moves")
         self.backbone_config().validate()
 
     def backbone_config(self) -> TransformerConfig | HawkConfig:
