@@ -120,47 +120,17 @@ def test_egocentric_model_runs_and_needs_a_grid_shape(obs):
         Transformer(cfg, OBS_DIM, 4, rngs=nnx.Rngs(0))
 
 
-@pytest.mark.parametrize("encoder", ["egocentric_grid", "egocentric_grid_paths"])
-def test_sparse_egocentric_embedding_is_the_dense_linear_map(encoder):
+def test_sparse_egocentric_embedding_is_the_dense_linear_map():
     from envs.grid_pinpad import GridPinpad
     from hrl.models import encoders
 
     env = GridPinpad()
     obs = jax.vmap(lambda k: env.reset(k, env.default_params)[0])(jax.random.split(jax.random.key(0), 64))
-    features = encoders.feature_dim(encoder, OBS_DIM, env.grid_shape)
+    features = encoders.feature_dim("egocentric_grid", OBS_DIM, env.grid_shape)
     kernel = jax.random.normal(jax.random.key(1), (features, 8))
     bias = jax.random.normal(jax.random.key(2), (8,))
-    dense = encoders.encode(encoder, obs, env.grid_shape) @ kernel + bias
-    np.testing.assert_allclose(encoders.embed(encoder, obs, kernel, bias, env.grid_shape), dense, atol=1e-4)
-
-
-def test_path_features_are_the_experts_shortest_path_moves_to_every_colour():
-    from envs import experts
-    from envs import grid_pinpad as gp
-    from hrl.data import expert as expert_data
-    from hrl.models import encoders
-
-    env = gp.GridPinpad(solvable_only=True)
-    params = env.pretrain_params()
-    # States along the clean expert's episodes: the agent often stands on a colour it just visited.
-    episodes = jax.vmap(lambda k: expert_data.rollout_expert(env, params, experts.make_expert(env, 0.0), k))(
-        jax.random.split(jax.random.key(0), 8))
-    obs = episodes.obs[episodes.mask]
-    states = jax.vmap(lambda o: gp.GridState(
-        agent=jnp.argmax(o.reshape(49, 13)[:, 12]), colour_cells=jnp.argmax(o.reshape(49, 13)[:, 4:12], axis=0),
-        wall_cells=jnp.argmax(o.reshape(49, 13)[:, :4], axis=0), task=0, alive=jnp.ones(16, bool), progress=0, t=0))(obs)
-
-    def expert_view(state):
-        colours = jnp.arange(8)
-        distance = jax.vmap(lambda c: gp.distances_to(state.colour_cells[c], gp.obstacles(state, c)))(colours)
-        optimal, _, reachable = jax.vmap(lambda c, d: experts.moves_towards(state, c, d))(colours, distance)
-        return optimal, reachable
-
-    optimal, reachable = jax.vmap(expert_view)(states)
-    features = np.asarray(encoders.path_features(obs, env.grid_shape)).reshape(-1, 8, 5).astype(bool)
-    assert len(obs) > 100 and reachable.all(axis=1).mean() < 1  # some colour out of reach somewhere
-    np.testing.assert_array_equal(features[..., :4], optimal)
-    np.testing.assert_array_equal(features[..., 4], ~reachable)
+    dense = encoders.encode("egocentric_grid", obs, env.grid_shape) @ kernel + bias
+    np.testing.assert_allclose(encoders.embed("egocentric_grid", obs, kernel, bias, env.grid_shape), dense, atol=1e-4)
 
 
 def test_packed_segments_give_each_episode_its_own_outputs(model, obs):

@@ -13,15 +13,6 @@ into its cell since the previous observation (`agent_moves`: no previous step, s
 left, right). That is a function of two observations, not the action taken, and is computed from
 the agent's channel.
 
-- "egocentric_grid_paths": "egocentric_grid" plus, for each colour of gridworld-pinpad, which of
-  the agent's four moves lie on a shortest path to it (walls and the other colours in the way, as
-  for the expert) and whether it is out of reach (`path_features`): 8 x 5 bits that a search over
-  the layout computes from the observation alone (DECIDE, not in the paper: a perception shortcut
-  for a CPU budget). The quick preset's base models lost most of their failed episodes to
-  navigation: in 512 any-task episodes of a seed-0 base, 45 of the 51 that ran out of time had a
-  next colour within reach (median 8 moves) and wandered there with a near-uniform policy. With the
-  paths given, what is left to learn is the paper's question: which colour comes next.
-
 The token embedding is linear in these features (`embed`). The egocentric features are 2834
 numbers of which 26 are nonzero for 13 objects (plus the 49 "inside" marks, a function of
 the agent's cell alone), so `embed` sums the kernel rows of the nonzero features instead of
@@ -34,21 +25,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from envs.grid_pinpad import MOVES, NUM_COLOURS, NUM_WALLS
-
-ENCODERS = ("flat", "egocentric_grid", "egocentric_grid_paths")
-# Relaxation sweeps of the shortest-path search: a colour further than this reads as out of reach.
-# Longer shortest paths are rare in a 7 x 7 grid and each sweep costs as much as the next.
-PATH_SWEEPS = 24
-PATH_FEATURES = NUM_COLOURS * (len(MOVES) + 1)
+ENCODERS = ("flat", "egocentric_grid")
 
 
 def feature_dim(encoder: str, obs_dim: int, grid_shape: tuple[int, int, int] | None) -> int:
     if encoder == "flat":
         return obs_dim
     rows, cols, channels = require_grid(grid_shape)
-    paths = PATH_FEATURES if encoder == "egocentric_grid_paths" else 0
-    return (2 * rows - 1) * (2 * cols - 1) * channels + obs_dim + paths
+    return (2 * rows - 1) * (2 * cols - 1) * channels + obs_dim
 
 
 def encode(encoder: str, obs: jax.Array, grid_shape: tuple[int, int, int] | None) -> jax.Array:
@@ -66,10 +50,7 @@ def encode(encoder: str, obs: jax.Array, grid_shape: tuple[int, int, int] | None
     objects = jnp.einsum("...ia,...abk,...jb->...ijk", pick_row, grid[..., :-1], pick_col)
     inside = pick_row.sum(-1)[..., :, None] * pick_col.sum(-1)[..., None, :]
     window = jnp.concatenate([objects, inside[..., None]], axis=-1)
-    features = [window.reshape(obs.shape[:-1] + (-1,)), obs]
-    if encoder == "egocentric_grid_paths":
-        features.append(path_features(obs, grid_shape))
-    return jnp.concatenate(features, axis=-1)
+    return jnp.concatenate([window.reshape(obs.shape[:-1] + (-1,)), obs], axis=-1)
 
 
 NUM_MOVES = 6  # no previous step (an episode's first), stayed, up, down, left, right
@@ -119,42 +100,7 @@ def embed(encoder: str, obs: jax.Array, kernel: jax.Array, bias: jax.Array,
     object_rows = window_cell[..., :-1] * channels + jnp.arange(channels - 1)
     flat_rows = window_rows * window_cols * channels + cells * channels + jnp.arange(channels)
     rows_used = jnp.concatenate([object_rows, flat_rows], axis=-1)
-    embedded = kernel[rows_used].sum(-2) + _inside_embedding(kernel, grid_shape)[cells[..., -1]] + bias
-    if encoder == "egocentric_grid_paths":
-        embedded = embedded + path_features(obs, grid_shape) @ kernel[-PATH_FEATURES:]
-    return embedded
-
-
-def path_features(obs: jax.Array, grid_shape: tuple[int, int, int] | None) -> jax.Array:
-    """obs [..., obs_dim] (gridworld-pinpad's channels) -> [..., PATH_FEATURES] float32: for each
-    colour c, four bits (in the order of the actions) saying which moves from the agent's cell
-    lie on a shortest path to c, then one bit saying that c is out of reach. Paths avoid the walls
-    and every other colour (the expert's obstacles) and are searched for `PATH_SWEEPS` steps."""
-    rows, cols, channels = require_grid(grid_shape)
-    grid = obs.reshape((-1, rows, cols, channels)).astype(bool)
-    colours = grid[..., NUM_WALLS:NUM_WALLS + NUM_COLOURS]  # [N, rows, cols, colour]
-    # Batch last: the sweeps then run over long contiguous rows of episodes.
-    passable = jnp.moveaxis(~grid[..., :-1].any(-1, keepdims=True) | colours, 0, -1)  # the target's own cell too
-    far = rows * cols
-    distance = jnp.where(jnp.moveaxis(colours, 0, -1), 0, far).astype(jnp.int8)  # [rows, cols, colour, N], from each colour
-
-    def pad(d):
-        return jnp.pad(d, ((1, 1), (1, 1), (0, 0), (0, 0)), constant_values=far)
-
-    def sweep(_, d):
-        p = pad(d)
-        nearest = jnp.minimum(jnp.minimum(p[:-2, 1:-1], p[2:, 1:-1]), jnp.minimum(p[1:-1, :-2], p[1:-1, 2:]))
-        return jnp.where(passable, jnp.minimum(d, nearest + 1), far)
-
-    distance = jnp.moveaxis(pad(jax.lax.fori_loop(0, PATH_SWEEPS, sweep, distance)), -1, 0)  # [N, rows+2, cols+2, colour]
-    row, col = jnp.divmod(jnp.argmax(grid[..., -1].reshape(grid.shape[0], -1), axis=-1), cols)
-    episodes = jnp.arange(grid.shape[0])[:, None]
-    after_move = distance[episodes, row[:, None] + 1 + MOVES[:, 0], col[:, None] + 1 + MOVES[:, 1]]  # [N, move, colour]
-    closest = after_move.min(axis=1, keepdims=True)
-    out_of_reach = closest >= far
-    on_a_shortest_path = (after_move == closest) & ~out_of_reach
-    features = jnp.concatenate([on_a_shortest_path, out_of_reach], axis=1)  # [N, move + 1, colour]
-    return jnp.swapaxes(features, 1, 2).reshape(obs.shape[:-1] + (PATH_FEATURES,)).astype(jnp.float32)
+    return kernel[rows_used].sum(-2) + _inside_embedding(kernel, grid_shape)[cells[..., -1]] + bias
 
 
 def _inside_embedding(kernel: jax.Array, grid_shape: tuple[int, int, int]) -> jax.Array:
