@@ -94,6 +94,17 @@ fall (0.094 against 0.089 nats per step, the same 64 sequences): lower where the
 open (0.094 against 0.110), higher where the next colour is set (0.094 against 0.068). Seed 1 gained nothing
 on `hrl headroom`'s episodes (82.2% either way; 80.5% against 77.0% in the stage's evaluation):
 its X->X+1 failures fell from 23 to 9 of 91, its wrong colours inside a subgoal rose from 5 to 25.
+
+Out of time is then the commonest failure, and it is getting lost, not a dead end. In 512
+any-task episodes of a seed-0 base with `embed_moves` (84.0%), 51 ran out of time: in 45 some
+task consistent with the history still had its next colour within reach (median 8 moves) when
+the last colour was visited, 17 of them inside a subgoal, where the next colour is fixed. The
+last colour came at a median step of 11; the model then wandered over a median of 13 cells,
+stood still (walked into walls) on a third of its steps, and its policy's entropy averaged 1.04
+nats (uniform: 1.39). Giving the model the expert's shortest-path moves to every colour as
+input features (an encoder tried for one run) did not help: the loss fell faster for 1000
+updates, then stalled at 0.56 nats with 1% any-task success after 6000 updates (0.48 and 58%
+without them), as if the shortcut starved the slower learning of which colour comes next.
 """
 
 from __future__ import annotations
