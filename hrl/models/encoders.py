@@ -120,5 +120,6 @@ def _shift(window: int, size: int, agent: jax.Array) -> jax.Array:
 
 def require_grid(grid_shape):
     if grid_shape is None:
-        raise ValueError("the egocentric_grid encoder needs the observation's grid shape (rows, columns, channels)")
+        raise ValueError("the egocentric_grid encoder and embed_moves need the observation's grid shape "
+                         "(rows, columns, channels)")
     return grid_shape

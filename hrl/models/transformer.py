@@ -156,9 +156,10 @@ class ResidualStreamModel(nnx.Module):
     families are `action_dist` and `obs_dist` (`hrl.models.heads`)."""
 
     def _build(self, cfg, observation: heads.ObservationSpec, action: heads.ActionSpec, grid_shape, init, make_block,
-               norm, rngs: nnx.Rngs):
-        """Creates the embedding, then the blocks (`make_block()` each), then the heads: in this
-        order, so that a given key gives the same parameters as before the backbones shared it.
+               norm, rngs: nnx.Rngs, embed_moves: bool = False):
+        """Creates the embedding, then the blocks (`make_block()` each), then the heads, then (with
+        `embed_moves`) the move embedding: in this order, so that a given key gives the same
+        parameters as before the backbones shared it, and as before the move embedding existed.
         `observation` and `action` are the environment's spaces (or, as before the heads module,
         the observation's size in bits and the number of discrete actions)."""
         self.cfg = cfg
@@ -172,9 +173,9 @@ class ResidualStreamModel(nnx.Module):
         self.final_norm = norm(cfg.width, rngs=rngs)
         self.action_head = nnx.Linear(cfg.width, self.action_dist.size, kernel_init=init, rngs=rngs)
         self.obs_head = nnx.Linear(cfg.width, self.obs_dist.size, kernel_init=init, rngs=rngs)
-        # The transformer's option, made last so the other parameters keep the keys they had without it.
-        self.move_embedding = (nnx.Param(init(rngs.params(), (encoders.NUM_MOVES, cfg.width)))
-                               if getattr(cfg, "embed_moves", False) and encoders.require_grid(grid_shape) else None)
+        if embed_moves:
+            encoders.require_grid(grid_shape)
+        self.move_embedding = nnx.Param(init(rngs.params(), (encoders.NUM_MOVES, cfg.width))) if embed_moves else None
 
     @property
     def num_layers(self) -> int:
@@ -250,7 +251,8 @@ class Transformer(ResidualStreamModel):
     ):
         cfg.validate()
         init = nnx.initializers.variance_scaling(cfg.init_scale, "fan_in", "truncated_normal")
-        self._build(cfg, observation, action, grid_shape, init, lambda: Block(cfg, init, rngs), nnx.LayerNorm, rngs)
+        self._build(cfg, observation, action, grid_shape, init, lambda: Block(cfg, init, rngs), nnx.LayerNorm, rngs,
+                    embed_moves=cfg.embed_moves)
 
     def lower(self, obs: jax.Array, layer: int) -> jax.Array:
         """obs [..., T, obs_dim] -> e_layer [..., T, width]."""
