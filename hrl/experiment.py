@@ -335,15 +335,33 @@ def pretrain_batches(config: ExperimentConfig, runs_dir: str | Path, env: envs.E
         else:
             noisy_expert = collect_experts(config, runs_dir, env)[0]
             labelled = pretrain.taken_action_targets(noisy_expert, env.action_space)
-        step_weight = None
-        if cfg.boundary_weight != 1:
-            if env.name != "GridPinpad-v0":
-                raise ConfigError(f"pretrain.boundary_weight: subgoal boundaries are gridworld-pinpad's colour pairs; "
-                                  f"{env.name} needs 1, got {cfg.boundary_weight}")
-            step_weight = pretrain.boundary_weight(cfg.boundary_weight)
-        return pretrain.online_batches(env, env.pretrain_params(), labelled, cfg.batch_size, step_weight=step_weight)
+        return pretrain.online_batches(env, env.pretrain_params(), labelled, cfg.batch_size,
+                                       step_weight=pretrain_step_weight(config, env))
     dataset = expert.load_dataset(run_collect(config, runs_dir).path / EXPERT_DATA)
     return pretrain.dataset_batches(dataset, cfg.batch_size, env.action_space)
+
+
+def pretrain_step_weight(config: ExperimentConfig, env: envs.Env):
+    """`pretrain.boundary_weight`'s step weight, or None where every step weighs alike."""
+    weight = config.pretrain.boundary_weight
+    if weight == 1:
+        return None
+    if env.name != "GridPinpad-v0":
+        raise ConfigError(f"pretrain.boundary_weight: subgoal boundaries are gridworld-pinpad's colour pairs; "
+                          f"{env.name} needs 1, got {weight}")
+    return pretrain.boundary_weight(weight)
+
+
+def pretrain_own_batches(config: ExperimentConfig, env: envs.Env):
+    """The sampler of the model's own labelled episodes (`pretrain.own_episodes`), or None."""
+    cfg = config.pretrain
+    if cfg.own_episodes == 0:
+        return None
+    if env.name != "GridPinpad-v0":
+        raise ConfigError(f"pretrain.own_episodes: their labels are gridworld-pinpad's task posterior; "
+                          f"{env.name} needs 0, got {cfg.own_episodes}")
+    return pretrain.own_episode_batches(env, cfg.own_episodes, config.collect.epsilon, config.env.solvable_only,
+                                        pretrain_step_weight(config, env))
 
 
 def run_pretrain(config: ExperimentConfig, runs_dir: str | Path, overwrite: bool = False) -> RunDir:
@@ -356,10 +374,12 @@ def run_pretrain(config: ExperimentConfig, runs_dir: str | Path, overwrite: bool
     init_key, eval_key = jax.random.split(stage_key(config, "pretrain"))
     cfg = config.pretrain
     mesh = build_mesh(config.mesh)
+    train_chunk = pretrain.make_train_chunk(cfg, pretrain_batches(config, runs_dir, env), mesh,
+                                            own_batch=pretrain_own_batches(config, env))
     result = run_training(
         run,
         init_pretrain_state(config, env, init_key),
-        pretrain.make_train_chunk(cfg, pretrain_batches(config, runs_dir, env), mesh),
+        train_chunk,
         cfg.num_chunks,
         steps_per_chunk=cfg.updates_per_chunk,
         loop=config.loop,

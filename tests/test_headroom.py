@@ -50,7 +50,7 @@ def test_a_wrong_colour_is_told_by_the_subgoal_done_and_the_one_stepped_onto():
     seen = []
     for action in (1, 1, 2):  # right onto colour 0, right onto 1 (subgoal A done), down onto 2
         _, next_state, *_ = env.step(None, state, jnp.int32(action), params)
-        seen.append(np.asarray(watch(state, next_state)).tolist())
+        seen.append(np.asarray(watch(state, jnp.int32(action), next_state)).tolist())
         state = next_state
     # No pretraining task has B after A: the episode ends there, with the next subgoal open.
     assert seen == [[0, -1, -1], [0, -1, -1], [1, 0, 1]]

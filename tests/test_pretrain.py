@@ -10,12 +10,13 @@ import pytest
 
 import envs
 from envs.base import Box
-from envs.experts import make_expert, make_labelled_expert, make_task_blind_labelled_expert
+from envs.experts import make_expert, make_labelled_expert, make_task_blind_labelled_expert, per_task
 from envs.grid_pinpad import GridPinpad
 from hrl.algos import pretrain
 from hrl.data.expert import Dataset, collect, rollout_streams
 from hrl.experiment import ExperimentConfig, init_pretrain_state
 from hrl.infra.config import ConfigError, load_config
+from hrl.models import rollout
 from hrl.models.backbones import ModelConfig
 from hrl.models.hawk import Hawk
 from hrl.models.heads import DiagGaussian, UnitGaussian
@@ -135,9 +136,53 @@ def test_posterior_labels_average_the_clean_labels_over_the_tasks_the_episode_le
     np.testing.assert_allclose(targets[first], view.clean[first].mean(-2), atol=1e-5)
 
 
-def test_expert_labels_need_online_data():
+def test_own_episodes_are_the_models_closed_loop_episodes_labelled_with_the_task_posterior():
+    model = pretrain.init(jax.random.key(1), pretrain.PretrainConfig(), MODEL, 637, 4).module()
+    sample = pretrain.own_episode_batches(ENV, 16, 0.2, layouts_doable=False)
+    obs, targets, mask, segments, weights = jax.device_get(jax.jit(sample)(jax.random.key(3), model))
+    # One closed-loop episode of the model per row, as long as `rollout.run_episode`'s with the
+    # same key, the steps after its end masked.
+    params = ENV.pretrain_params(any_task=True)
+    lengths = jax.vmap(lambda k: rollout.run_episode(model, ENV, params, k).length)(jax.random.split(jax.random.key(3), 16))
+    np.testing.assert_array_equal(mask, np.arange(ENV.max_steps) < np.asarray(lengths)[:, None])
+    assert np.all(segments == 0) and np.all(weights == 1) and 1 < lengths.mean() < ENV.max_steps
+    agent = np.argmax(obs.reshape(16, ENV.max_steps, 49, 13)[..., 12], -1)
+    moved = np.abs(np.diff(agent // 7, axis=1)) + np.abs(np.diff(agent % 7, axis=1))
+    assert np.all(moved[mask[:, 1:]] <= 1)
+    # Targets: distributions on the episode's steps (0 after it: no NaN in the masked loss); at
+    # the first step, nothing seen but the layout, every task's clean move averaged alike.
+    np.testing.assert_allclose(targets[mask].sum(-1), 1.0, atol=1e-5)
+    assert np.all(targets[~mask] == 0)
+    _, state = ENV.reset(jax.random.split(jax.random.split(jax.random.key(3), 16)[0])[0], params)
+    view = per_task(state, params, 0.2, ENV.horizon)
+    np.testing.assert_allclose(targets[0, 0], np.asarray(view.clean).mean(0), atol=1e-5)
+
+
+def test_own_episodes_join_every_batch_and_train():
+    cfg = pretrain.PretrainConfig(learning_rate=1e-2, batch_size=8, num_updates=200, updates_per_chunk=50,
+                                  data="online", labels="expert", own_episodes=8, obs_loss_weight=0.0)
+    expert = pretrain.online_batches(ENV, ENV.pretrain_params(), make_labelled_expert(ENV, 0.2), cfg.batch_size)
+    own = pretrain.own_episode_batches(ENV, cfg.own_episodes, 0.2, layouts_doable=False)
+    model = dataclasses.replace(MODEL, encoder="egocentric_grid")
+    state = pretrain.init(jax.random.key(1), cfg, model, 637, 4, ENV.grid_shape)
+    rows = pretrain.concatenate_rows(expert(jax.random.key(0)), own(jax.random.key(1), state.module()))
+    assert rows.obs.shape[0] == 16 and rows.weights.shape == rows.mask.shape
+    train_chunk = pretrain.make_train_chunk(cfg, expert, own_batch=own)
+    history = []
+    for _ in range(cfg.num_chunks):
+        state, metrics = train_chunk(state)
+        history.append(jax.device_get(metrics))
+    assert all(np.isfinite(m["loss"]) for m in history)
+    assert history[-1]["action_nll"] < 0.95 * history[0]["action_nll"]
+
+
+def test_expert_labels_and_own_episodes_need_online_data():
     with pytest.raises(ValueError, match="labels"):
         pretrain.PretrainConfig(labels="expert").validate()
+    with pytest.raises(ValueError, match="own_episodes"):
+        pretrain.PretrainConfig(own_episodes=8).validate()
+    with pytest.raises(ConfigError, match="pretrain.own_episodes"):
+        load_config(ExperimentConfig, "gridworld/quick", ["pretrain.own_episodes=-1"])
 
 
 def test_observation_loss_ignores_steps_without_a_next_observation():

@@ -104,12 +104,12 @@ AFTER = ("A", "B", "C", "D", "start")  # by the subgoal completed last; "start":
 
 
 def wrong_colour_watch(params):
-    """`watch(state, next_state)` for `rollout.run_episode`: [3] int32, (1 if the step entered a
-    colour that ended the episode, else 0; and where it did so with the next subgoal open (even
-    progress: the choice a task-blind model must make), the subgoal completed last (4: none yet)
-    and the subgoal of the colour stepped onto, else -1 and -1)."""
+    """`watch(state, action, next_state)` for `rollout.run_episode`: [3] int32, (1 if the step
+    entered a colour that ended the episode, else 0; and where it did so with the next subgoal
+    open (even progress: the choice a task-blind model must make), the subgoal completed last (4:
+    none yet) and the subgoal of the colour stepped onto, else -1 and -1)."""
 
-    def watch(state, next_state) -> jax.Array:
+    def watch(state, action, next_state) -> jax.Array:
         colours = params.tasks.colours[pinpad.first_alive(state.alive)]
         last = jnp.where(state.progress > 0, colours[jnp.maximum(state.progress - 1, 0)] // 2, 4)
         on_colour = state.colour_cells == next_state.agent

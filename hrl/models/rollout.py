@@ -25,11 +25,11 @@ class Episode(NamedTuple):
 
 def run_episode(
     model: Any, env: Env, env_params: Any, key: jax.Array, *, greedy: bool = False,
-    watch: Callable[[Any, Any], Any] | None = None,
+    watch: Callable[[Any, jax.Array, Any], Any] | None = None,
 ) -> Episode:
     """One episode of the unsteered model, sampling its actions (the most likely one if greedy).
-    `watch(state, next_state)`, if given, is recorded at every step of the scan: the steps from
-    `length` on come after the episode's end, and what they record means nothing."""
+    `watch(state, action, next_state)`, if given, is recorded at every step of the scan: the steps
+    from `length` on come after the episode's end, and what they record means nothing."""
     key_reset, key_steps = jax.random.split(key)
     obs, state = env.reset(key_reset, env_params)
 
@@ -40,7 +40,7 @@ def run_episode(
         action_dist = model.action_dist
         action = action_dist.mode(out.action_params) if greedy else action_dist.sample(out.action_params, key_act)
         obs, new_state, _, terminated, truncated, info = env.step(key_env, state, action, env_params)
-        watched = None if watch is None else watch(state, new_state)
+        watched = None if watch is None else watch(state, action, new_state)
         # Freeze the episode's results once it has ended; later steps are discarded.
         state = jax.tree.map(lambda old, new: jnp.where(done, old, new), state, new_state)
         success = success | (~done & info["success"])
