@@ -102,6 +102,13 @@ class ExperimentConfig:
         check(self.internal_rl.alpha in self.discovery.alphas, "internal_rl.alpha",
               f"must be one of discovery.alphas {list(self.discovery.alphas)} (the metacontroller it uses)",
               self.internal_rl.alpha)
+        grid_only = env.name == "GridPinpad-v0"  # progress as colour pairs, and the task posterior, are the grid's
+        check(self.pretrain.boundary_weight == 1 or grid_only, "pretrain.boundary_weight",
+              f"must be 1 on {env.name}: subgoal boundaries are gridworld-pinpad's colour pairs",
+              self.pretrain.boundary_weight)
+        check(self.pretrain.own_episodes == 0 or grid_only, "pretrain.own_episodes",
+              f"must be 0 on {env.name}: their labels are gridworld-pinpad's task posterior",
+              self.pretrain.own_episodes)
         check_collect_fits_expert(self)
 
 
@@ -336,32 +343,26 @@ def pretrain_batches(config: ExperimentConfig, runs_dir: str | Path, env: envs.E
             noisy_expert = collect_experts(config, runs_dir, env)[0]
             labelled = pretrain.taken_action_targets(noisy_expert, env.action_space)
         return pretrain.online_batches(env, env.pretrain_params(), labelled, cfg.batch_size,
-                                       step_weight=pretrain_step_weight(config, env))
+                                       step_weight=pretrain_step_weight(config))
     dataset = expert.load_dataset(run_collect(config, runs_dir).path / EXPERT_DATA)
     return pretrain.dataset_batches(dataset, cfg.batch_size, env.action_space)
 
 
-def pretrain_step_weight(config: ExperimentConfig, env: envs.Env):
-    """`pretrain.boundary_weight`'s step weight, or None where every step weighs alike."""
+def pretrain_step_weight(config: ExperimentConfig):
+    """`pretrain.boundary_weight`'s step weight, or None where every step weighs alike (the config
+    refuses other weights outside the grid)."""
     weight = config.pretrain.boundary_weight
-    if weight == 1:
-        return None
-    if env.name != "GridPinpad-v0":
-        raise ConfigError(f"pretrain.boundary_weight: subgoal boundaries are gridworld-pinpad's colour pairs; "
-                          f"{env.name} needs 1, got {weight}")
-    return pretrain.boundary_weight(weight)
+    return None if weight == 1 else pretrain.boundary_weight(weight)
 
 
 def pretrain_own_batches(config: ExperimentConfig, env: envs.Env):
-    """The sampler of the model's own labelled episodes (`pretrain.own_episodes`), or None."""
+    """The sampler of the model's own labelled episodes (`pretrain.own_episodes`; grid only, as the
+    config checks), or None."""
     cfg = config.pretrain
     if cfg.own_episodes == 0:
         return None
-    if env.name != "GridPinpad-v0":
-        raise ConfigError(f"pretrain.own_episodes: their labels are gridworld-pinpad's task posterior; "
-                          f"{env.name} needs 0, got {cfg.own_episodes}")
     return pretrain.own_episode_batches(env, cfg.own_episodes, config.collect.epsilon, config.env.solvable_only,
-                                        pretrain_step_weight(config, env))
+                                        pretrain_step_weight(config))
 
 
 def run_pretrain(config: ExperimentConfig, runs_dir: str | Path, overwrite: bool = False) -> RunDir:

@@ -183,6 +183,9 @@ def test_expert_labels_and_own_episodes_need_online_data():
         pretrain.PretrainConfig(own_episodes=8).validate()
     with pytest.raises(ConfigError, match="pretrain.own_episodes"):
         load_config(ExperimentConfig, "gridworld/quick", ["pretrain.own_episodes=-1"])
+    for key in ("pretrain.own_episodes=8", "pretrain.boundary_weight=3"):  # grid only: refused before any work
+        with pytest.raises(ConfigError, match=key.split("=")[0]):
+            load_config(ExperimentConfig, "ant/quick", [key, "pretrain.data=online", "pretrain.labels=taken"])
 
 
 def test_observation_loss_ignores_steps_without_a_next_observation():
