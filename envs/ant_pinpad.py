@@ -247,6 +247,15 @@ class AntPinpad(Env[AntPinpadState, pinpad.PinpadParams]):
         """One pretraining task, by its index in the table."""
         return self.task_params([pinpad.ANT_PRETRAIN_TASKS[index]], [index])
 
+    def subgoal_task_params(self, subgoals: Sequence[int]) -> pinpad.PinpadParams:
+        """One task given as subgoal indices: each colour is a subgoal."""
+        return self.task_params([tuple(subgoals)], [pinpad.OTHER_TASK_ID])
+
+    @property
+    def pretrain_subgoal_sequences(self) -> tuple[tuple[int, ...], ...]:
+        """The pretraining tasks as subgoal indices, in table order."""
+        return pinpad.ANT_PRETRAIN_TASKS
+
     @property
     def default_params(self) -> pinpad.PinpadParams:
         return self.pretrain_params()

@@ -99,6 +99,16 @@ class GridPinpad(Env[GridState, pinpad.PinpadParams]):
         """One pretraining task, by its index in the table."""
         return self.task_params([pinpad.GRID_PRETRAIN_TASKS[index]], [index])
 
+    def subgoal_task_params(self, subgoals: Sequence[int]) -> pinpad.PinpadParams:
+        """One task given as subgoal indices (0..3 for A..D), such as (0, 1) for A-B."""
+        letters = sorted(pinpad.GRID_SUBGOALS)
+        return self.task_params(["-".join(letters[g] for g in subgoals)], [pinpad.OTHER_TASK_ID])
+
+    @property
+    def pretrain_subgoal_sequences(self) -> tuple[tuple[int, ...], ...]:
+        """The pretraining tasks as subgoal indices, in table order."""
+        return tuple(pinpad.grid_task_subgoals(task) for task in pinpad.GRID_PRETRAIN_TASKS)
+
     @property
     def default_params(self) -> pinpad.PinpadParams:
         return self.pretrain_params()

@@ -35,8 +35,9 @@ ANT_PRETRAIN_TASKS = (
 ANT_POSTTRAIN_TASK = (0, 1, 2, 3)
 
 # Global task ids, reported in info["task_id"]: the pretraining tasks are 0..15 in table order,
-# the post-training task is 16.
+# the post-training task is 16, a task given by its subgoals (`subgoal_task_params`) is -1.
 POSTTRAIN_TASK_ID = 16
+OTHER_TASK_ID = -1
 
 
 def grid_task_colours(task: str) -> tuple[int, ...]:
@@ -45,6 +46,12 @@ def grid_task_colours(task: str) -> tuple[int, ...]:
         return tuple(c for letter in task.split("-") for c in GRID_SUBGOALS[letter])
     except KeyError as err:
         raise ValueError(f"unknown grid subgoal {err} in task {task!r}; use A, B, C, D") from None
+
+
+def grid_task_subgoals(task: str) -> tuple[int, ...]:
+    """'A-C-A' -> (0, 2, 0): a grid task as subgoal indices."""
+    grid_task_colours(task)  # validates the letters
+    return tuple(sorted(GRID_SUBGOALS).index(letter) for letter in task.split("-"))
 
 
 def subgoal_transitions(tasks: Sequence[Sequence[int]]) -> set[tuple[int, int]]:

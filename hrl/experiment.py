@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import json
 import zlib
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -441,11 +442,17 @@ def run_probe(config: ExperimentConfig, runs_dir: str | Path, overwrite: bool = 
     return run
 
 
+TRANSITIONS_FILE = "transitions.json"  # {layer: {"X->Y": success}} of the two-subgoal tasks (controllers)
+
+
 def run_controllers(config: ExperimentConfig, runs_dir: str | Path, overwrite: bool = False,
                     oracle: bool = False) -> RunDir:
     """Supervised controllers on D*, one set per controlled layer, chained on the post-training task
     and on the pretraining tasks. The summary adds `posttrain_success_by_layer`,
-    `pretrain_success_by_layer` and the unsteered `base_posttrain_success`.
+    `pretrain_success_by_layer`, the unsteered `base_posttrain_success` and, on every two-subgoal
+    task X-Y, the mean success over the pairs whose transition X -> Y some pretraining task has
+    (`seen_transition_success_by_layer`) and over those none has (`unseen_...`); each pair's is in
+    TRANSITIONS_FILE. Composing the post-training task needs the unseen ones.
 
     With `oracle` (stage controllers_oracle), the same controllers learn from the clean expert on
     the post-training task itself instead of D*. That is not the method (the task's transitions
@@ -478,12 +485,18 @@ def run_controllers(config: ExperimentConfig, runs_dir: str | Path, overwrite: b
     success = {tasks: {str(layer): metrics[f"eval/{tasks}_success/layer_{layer}"] for layer in layers}
                for tasks in ("posttrain", "pretrain")}
     base_success = controllers.evaluate_base(cfg, base, env, eval_key)["success_rate"]
+    transitions = controllers.summarise_transitions(
+        env, layers, jax.device_get(controllers.make_evaluate_transitions(cfg, base, layers, env, eval_key)(result.state)))
+    (run.path / TRANSITIONS_FILE).write_text(json.dumps(transitions["pairs"], indent=2))
     run.mark_complete({**result.summary, "posttrain_success_by_layer": success["posttrain"],
-                       "pretrain_success_by_layer": success["pretrain"], "base_posttrain_success": base_success})
-    print(f"{stage}: done ({run.path}): post-training success by controlled layer "
-          + ", ".join(f"{layer}: {value:.3f}" for layer, value in success["posttrain"].items())
-          + f" (unsteered base {base_success:.3f}); on the pretraining tasks "
-          + ", ".join(f"{layer}: {value:.3f}" for layer, value in success["pretrain"].items()))
+                       "pretrain_success_by_layer": success["pretrain"], "base_posttrain_success": base_success,
+                       "seen_transition_success_by_layer": transitions["seen"],
+                       "unseen_transition_success_by_layer": transitions["unseen"]})
+    by_layer = lambda values: ", ".join(f"{layer}: {value:.3f}" for layer, value in values.items())
+    print(f"{stage}: done ({run.path}): post-training success by controlled layer {by_layer(success['posttrain'])}"
+          f" (unsteered base {base_success:.3f}); on the pretraining tasks {by_layer(success['pretrain'])}; two-subgoal"
+          f" tasks X-Y whose transition pretraining has {by_layer(transitions['seen'])}, has not"
+          f" {by_layer(transitions['unseen'])}")
     return run
 
 

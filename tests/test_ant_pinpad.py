@@ -248,6 +248,8 @@ def test_task_tables_and_params(env):
         pinpad.ANT_PRETRAIN_TASKS
     )
     assert env.num_subgoals == 4 and env.max_steps == 500 and env.action_space.shape == (8,)
+    assert env.pretrain_subgoal_sequences == pinpad.ANT_PRETRAIN_TASKS  # each colour is a subgoal
+    assert tuple(int(c) for c in env.subgoal_task_params((3, 0)).tasks.colours[0] if c >= 0) == (3, 0)
     assert isinstance(envs.make("AntPinpad-v0"), AntPinpad) and isinstance(envs.make("AntGoal-v0"), AntGoal)
 
 

@@ -2,6 +2,7 @@
 the stage runs through the CLI and makes its figure."""
 
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,7 @@ from envs.grid_pinpad import GridPinpad
 from hrl import cli
 from hrl.algos import controllers
 from hrl.analysis.figures import write_figures
-from hrl.experiment import ExperimentConfig, controller_episodes
+from hrl.experiment import TRANSITIONS_FILE, ExperimentConfig, controller_episodes
 from hrl.infra.config import load_config
 from hrl.infra.rundir import RunDir
 from hrl.models import rollout
@@ -155,6 +156,10 @@ def test_controllers_stage_through_the_cli_and_the_figures(runs_copy, capsys):
             assert set(summary[f"{tasks}_success_by_layer"]) == {"1"}
             assert all(0 <= value <= 1 for value in summary[f"{tasks}_success_by_layer"].values())
         assert 0 <= summary["base_posttrain_success"] <= 1
+        for kind in ("seen", "unseen"):
+            assert set(summary[f"{kind}_transition_success_by_layer"]) == {"1"}
+        pairs = json.loads((runs / "tiny" / stage / "seed_0" / TRANSITIONS_FILE).read_text())
+        assert set(pairs) == {"1"} and len(pairs["1"]) == 12 and all(0 <= v <= 1 for v in pairs["1"].values())
         assert f"{stage}: done" in capsys.readouterr().out
 
     figures = write_figures(runs, "tiny", [0, 1])  # no probe run here, and no seed 1: left out with notes
@@ -163,3 +168,31 @@ def test_controllers_stage_through_the_cli_and_the_figures(runs_copy, capsys):
     notes = capsys.readouterr().out
     assert "probe_accuracy_figure skipped: no complete 'probe' run" in notes
     assert "'controllers' is not complete for seeds [1]" in notes
+
+
+def test_transition_pairs_are_every_ordered_pair_and_the_post_training_tasks_are_unseen():
+    pairs, seen = controllers.transition_pairs(ENV)
+    assert len(pairs) == 12 and len(set(pairs)) == 12 and all(x != y for x, y in pairs)
+    assert {pair for pair, known in zip(pairs, seen) if not known} == {(0, 1), (1, 2), (2, 3), (3, 0)}
+
+
+def test_transition_evaluation_is_each_pairs_chained_episodes(base):
+    cfg = controllers.ControllerConfig(eval_episodes=6)
+    state = controllers.init(jax.random.key(4), cfg, base, 1, NUM_SUBGOALS)
+    b = state.params["b"]  # nonzero controllers, so that steering matters
+    state = state.replace(params={**state.params, "b": jax.random.normal(jax.random.key(5), b.shape) * 0.3})
+    key = jax.random.key(6)
+    metrics = jax.device_get(controllers.make_evaluate_transitions(cfg, base, (1,), ENV, key)(state))
+    steer = functools.partial(state.module().steer, 0)
+    run = jax.jit(lambda params, keys: jax.vmap(
+        lambda k: controllers.run_steered_episode(base, ENV, params, k, steer, 1))(keys))
+    pairs, _ = controllers.transition_pairs(ENV)
+    for index, pair in enumerate(pairs):
+        episodes = run(ENV.subgoal_task_params(pair), jax.random.split(key, cfg.eval_episodes))
+        assert metrics["transition_success/layer_1"][index] == pytest.approx(float(episodes.success.mean()))
+        assert metrics["transition_progress/layer_1"][index] == pytest.approx(float(episodes.progress.mean()))
+    assert metrics["transition_progress/layer_1"].max() > 0  # the check compares episodes that went somewhere
+    summary = controllers.summarise_transitions(ENV, (1,), metrics)
+    assert set(summary["pairs"]["1"]) == {f"{x}->{y}" for x, y in pairs}
+    unseen = [summary["pairs"]["1"][name] for name in ("0->1", "1->2", "2->3", "3->0")]
+    assert summary["unseen"]["1"] == pytest.approx(np.mean(unseen))

@@ -176,6 +176,11 @@ def test_task_tables():
     assert len(pinpad.ANT_PRETRAIN_TASKS) == len(set(pinpad.ANT_PRETRAIN_TASKS)) == 16
     with pytest.raises(ValueError, match="unknown grid subgoal"):
         pinpad.grid_task_colours("A-E")
+    env = GridPinpad()
+    assert env.pretrain_subgoal_sequences[:2] == ((0, 2, 0), (0, 2, 1))  # A-C-A, A-C-B
+    b_then_c = env.subgoal_task_params((1, 2))
+    assert tuple(int(c) for c in b_then_c.tasks.colours[0] if c >= 0) == (2, 3, 4, 5)
+    assert int(b_then_c.tasks.ids[0]) == pinpad.OTHER_TASK_ID and not bool(b_then_c.any_task)
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,9 @@ Then they are chained on the post-training task, closed-loop: at every step the 
 subgoal the environment currently reports acts, so the controller switches as soon as the
 environment reports a subgoal done. Paper (Fig. 4): high post-training success, best mid-depth,
 while the unsteered base model (evaluated on the same episodes as the reference) rarely succeeds.
+The stage also chains them on every two-subgoal task X-Y (`make_evaluate_transitions`): the pairs
+whose transition X -> Y some pretraining task has against those none has, the kind the
+post-training task is made of, at the same short length.
 
 One controller set per controlled layer; all sets of the sweep train side by side in one update
 (the base's lower blocks run once for all of them), each with its own optimiser state.
@@ -25,9 +28,11 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
+from envs import pinpad
 from envs.base import Env
 from hrl.data import expert as expert_data
 from hrl.infra.config import check
@@ -271,6 +276,58 @@ def make_evaluate(cfg: ControllerConfig, base: Transformer, layers: tuple[int, .
         return metrics
 
     return evaluate
+
+
+def transition_pairs(env: Env) -> tuple[list[tuple[int, int]], list[bool]]:
+    """Every ordered pair (X, Y) of distinct subgoals, and whether a pretraining task has X -> Y."""
+    seen = pinpad.subgoal_transitions(env.pretrain_subgoal_sequences)
+    pairs = [(x, y) for x in range(env.num_subgoals) for y in range(env.num_subgoals) if x != y]
+    return pairs, [pair in seen for pair in pairs]
+
+
+def make_evaluate_transitions(cfg: ControllerConfig, base: Transformer, layers: tuple[int, ...], env: Env,
+                              key: jax.Array) -> Callable[[TrainState], dict]:
+    """A jitted `evaluate_transitions(state)`: per controlled layer, the chained controllers'
+    success and mean progress on every two-subgoal task X-Y (`transition_success/layer_l`,
+    `transition_progress/layer_l`: [pair] in the order of `transition_pairs`), on the same fixed
+    layouts for every pair. It separates what the
+    post-training task's chain mixes: a pair whose transition some pretraining task has against
+    one that none has (the post-training task's kind), at the same length."""
+    pairs, _ = transition_pairs(env)
+    tasks = jax.tree.map(lambda *leaves: jnp.stack(leaves), *(env.subgoal_task_params(pair) for pair in pairs))
+    keys = jax.random.split(key, cfg.eval_episodes)
+
+    @jax.jit
+    def evaluate_transitions(state: TrainState):
+        controllers = state.module()
+        metrics = {}
+        for index, layer in enumerate(layers):
+            steer = functools.partial(controllers.steer, index)
+
+            def success_and_progress(params):
+                episodes = jax.vmap(lambda k: run_steered_episode(base, env, params, k, steer, layer))(keys)
+                return jnp.mean(episodes.success), jnp.mean(episodes.progress)
+
+            success, progress = jax.vmap(success_and_progress)(tasks)
+            metrics[f"transition_success/layer_{layer}"] = success
+            metrics[f"transition_progress/layer_{layer}"] = progress
+        return metrics
+
+    return evaluate_transitions
+
+
+def summarise_transitions(env: Env, layers: tuple[int, ...], metrics: dict) -> dict[str, dict]:
+    """`make_evaluate_transitions`' metrics as {"seen"|"unseen": {layer: mean success}} and
+    {"pairs": {layer: {"X->Y": success}}} (subgoal indices)."""
+    pairs, seen = transition_pairs(env)
+    seen = np.asarray(seen)
+    summary = {"seen": {}, "unseen": {}, "pairs": {}}
+    for layer in layers:
+        success = np.asarray(metrics[f"transition_success/layer_{layer}"], dtype=float)
+        summary["seen"][str(layer)] = float(success[seen].mean())
+        summary["unseen"][str(layer)] = float(success[~seen].mean())
+        summary["pairs"][str(layer)] = {f"{x}->{y}": float(value) for (x, y), value in zip(pairs, success)}
+    return summary
 
 
 def evaluate_base(cfg: ControllerConfig, base: Transformer, env: Env, key: jax.Array) -> dict[str, float]:

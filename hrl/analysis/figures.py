@@ -74,16 +74,20 @@ def probe_accuracy_figure(runs_dir: str | Path, experiment: str, seeds: list[int
 def controller_layer_sweep_figure(runs_dir: str | Path, experiment: str, seeds: list[int]) -> Path:
     """Post-training success of the chained supervised controllers by controlled layer, with the
     unsteered base model as the reference (paper Fig. 4), their success on the pretraining tasks
-    (in distribution) beside it and, where `hrl controllers --oracle` ran, the post-training
+    (in distribution) and on the two-subgoal tasks with and without a transition that pretraining
+    has beside it and, where `hrl controllers --oracle` ran, the post-training
     success of controllers trained on that task itself (the ceiling of chaining)."""
     summaries = completed_summaries(runs_dir, experiment, "controllers", seeds)
     fig = Figure(figsize=(5, 3.5))
     ax = fig.subplots()
     plot_seeds_and_mean(ax, {seed: by_layer(s["posttrain_success_by_layer"]) for seed, s in summaries.items()},
                         what="post-training task")
-    if all("pretrain_success_by_layer" in s for s in summaries.values()):  # runs older than it have none
-        plot_seeds_and_mean(ax, {seed: by_layer(s["pretrain_success_by_layer"]) for seed, s in summaries.items()},
-                            colour="tab:green", what="pretraining tasks")
+    optional = {"pretrain_success_by_layer": ("tab:green", "pretraining tasks"),  # runs older than them have none
+                "seen_transition_success_by_layer": ("tab:olive", "two subgoals X-Y, X -> Y in pretraining"),
+                "unseen_transition_success_by_layer": ("tab:orange", "two subgoals X-Y, X -> Y never in pretraining")}
+    for key, (colour, what) in optional.items():
+        if all(key in s for s in summaries.values()):
+            plot_seeds_and_mean(ax, {seed: by_layer(s[key]) for seed, s in summaries.items()}, colour=colour, what=what)
     try:  # an optional stage (`hrl controllers --oracle`)
         oracle = completed_summaries(runs_dir, experiment, "controllers_oracle", seeds)
     except FileNotFoundError:
