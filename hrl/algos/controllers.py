@@ -290,9 +290,9 @@ def make_evaluate_transitions(cfg: ControllerConfig, base: Transformer, layers: 
     """A jitted `evaluate_transitions(state)`: per controlled layer, the chained controllers'
     success and mean progress on every two-subgoal task X-Y (`transition_success/layer_l`,
     `transition_progress/layer_l`: [pair] in the order of `transition_pairs`), on the same fixed
-    layouts for every pair. It separates what the
-    post-training task's chain mixes: a pair whose transition some pretraining task has against
-    one that none has (the post-training task's kind), at the same length."""
+    layouts for every pair. It separates what the post-training task's chain mixes: a pair whose
+    transition some pretraining task has against one that none has (the post-training task's
+    kind), at the same length."""
     pairs, _ = transition_pairs(env)
     tasks = jax.tree.map(lambda *leaves: jnp.stack(leaves), *(env.subgoal_task_params(pair) for pair in pairs))
     keys = jax.random.split(key, cfg.eval_episodes)

@@ -125,8 +125,9 @@ expert's episodes stays 0.103 nats per step above the floor, as without: what it
 way back, not the expert's steps. They cost time: 100 updates took 16.4 s against about 11 for
 the expert rows alone on the same machine (fine-tuning: 15 against 11). The quick preset adds 8
 rows. Seed 2 from scratch: 91.4% against 82.4% in the stage's evaluation, 0.869 against 0.826
-on the 512 layouts (greedy: 0.922 against 0.859). Sampling, 512 episodes, both miss the 90%
-target (86.3 / 86.9%).
+on the 512 layouts (greedy: 0.922 against 0.859). Seed 0 from scratch: 88.3% against 80.1%,
+0.879 on the 512 layouts (greedy: 0.934). Sampling, 512 episodes, all three miss the 90% target
+(87.9 / 86.3 / 86.9%).
 """
 
 from __future__ import annotations

@@ -75,8 +75,8 @@ def controller_layer_sweep_figure(runs_dir: str | Path, experiment: str, seeds: 
     """Post-training success of the chained supervised controllers by controlled layer, with the
     unsteered base model as the reference (paper Fig. 4), their success on the pretraining tasks
     (in distribution) and on the two-subgoal tasks with and without a transition that pretraining
-    has beside it and, where `hrl controllers --oracle` ran, the post-training
-    success of controllers trained on that task itself (the ceiling of chaining)."""
+    has beside it and, where `hrl controllers --oracle` ran, the post-training success of
+    controllers trained on that task itself (the ceiling of chaining)."""
     summaries = completed_summaries(runs_dir, experiment, "controllers", seeds)
     fig = Figure(figsize=(5, 3.5))
     ax = fig.subplots()
