@@ -252,6 +252,13 @@ def run_steered_episode(model: Any, env: Env, env_params: Any, key: jax.Array, s
     return SteeredEpisode(success, progress, length, actions, subgoals)
 
 
+def chained_success_and_progress(base: Transformer, env: Env, params: Any, keys: jax.Array, steer: Steer,
+                                 layer: int) -> tuple[jax.Array, jax.Array]:
+    """Success rate and mean progress of `run_steered_episode` over one episode per key."""
+    episodes = jax.vmap(lambda k: run_steered_episode(base, env, params, k, steer, layer))(keys)
+    return jnp.mean(episodes.success), jnp.mean(episodes.progress)
+
+
 def make_evaluate(cfg: ControllerConfig, base: Transformer, layers: tuple[int, ...], env: Env, key: jax.Array
                   ) -> Callable[[TrainState], dict]:
     """A jitted `evaluate(state)`: the chained controllers per controlled layer, on the
@@ -270,9 +277,9 @@ def make_evaluate(cfg: ControllerConfig, base: Transformer, layers: tuple[int, .
         for index, layer in enumerate(layers):
             steer = functools.partial(controllers.steer, index)
             for name, params in task_sets.items():
-                episodes = jax.vmap(lambda k: run_steered_episode(base, env, params, k, steer, layer))(keys)
-                metrics[f"{name}_success/layer_{layer}"] = jnp.mean(episodes.success)
-                metrics[f"{name}_progress/layer_{layer}"] = jnp.mean(episodes.progress)
+                success, progress = chained_success_and_progress(base, env, params, keys, steer, layer)
+                metrics[f"{name}_success/layer_{layer}"] = success
+                metrics[f"{name}_progress/layer_{layer}"] = progress
         return metrics
 
     return evaluate
@@ -303,12 +310,8 @@ def make_evaluate_transitions(cfg: ControllerConfig, base: Transformer, layers: 
         metrics = {}
         for index, layer in enumerate(layers):
             steer = functools.partial(controllers.steer, index)
-
-            def success_and_progress(params):
-                episodes = jax.vmap(lambda k: run_steered_episode(base, env, params, k, steer, layer))(keys)
-                return jnp.mean(episodes.success), jnp.mean(episodes.progress)
-
-            success, progress = jax.vmap(success_and_progress)(tasks)
+            success, progress = jax.vmap(
+                lambda params: chained_success_and_progress(base, env, params, keys, steer, layer))(tasks)
             metrics[f"transition_success/layer_{layer}"] = success
             metrics[f"transition_progress/layer_{layer}"] = progress
         return metrics
