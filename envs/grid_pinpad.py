@@ -101,8 +101,8 @@ class GridPinpad(Env[GridState, pinpad.PinpadParams]):
 
     def subgoal_task_params(self, subgoals: Sequence[int]) -> pinpad.PinpadParams:
         """One task given as subgoal indices (0..3 for A..D), such as (0, 1) for A-B."""
-        letters = sorted(pinpad.GRID_SUBGOALS)
-        return self.task_params(["-".join(letters[g] for g in subgoals)], [pinpad.OTHER_TASK_ID])
+        task = "-".join(pinpad.GRID_SUBGOAL_LETTERS[g] for g in subgoals)
+        return self.task_params([task], [pinpad.OTHER_TASK_ID])
 
     @property
     def pretrain_subgoal_sequences(self) -> tuple[tuple[int, ...], ...]:

@@ -21,6 +21,7 @@ from flax import struct
 
 # --- gridworld-pinpad: subgoals are colour pairs, tasks are written as subgoal letters.
 GRID_SUBGOALS = {"A": (0, 1), "B": (2, 3), "C": (4, 5), "D": (6, 7)}
+GRID_SUBGOAL_LETTERS = "ABCD"  # subgoal index g -> its letter (colours 2g, 2g + 1)
 GRID_PRETRAIN_TASKS = (
     "A-C-A", "A-C-B", "A-D-B", "B-A-C", "B-D-B", "B-D-C", "C-A-C", "C-A-D",
     "C-B-D", "D-B-A", "D-B-D", "D-C-A", "A-D-C", "B-A-D", "C-B-A", "D-C-B",
@@ -51,7 +52,7 @@ def grid_task_colours(task: str) -> tuple[int, ...]:
 def grid_task_subgoals(task: str) -> tuple[int, ...]:
     """'A-C-A' -> (0, 2, 0): a grid task as subgoal indices."""
     grid_task_colours(task)  # validates the letters
-    return tuple(sorted(GRID_SUBGOALS).index(letter) for letter in task.split("-"))
+    return tuple(GRID_SUBGOAL_LETTERS.index(letter) for letter in task.split("-"))
 
 
 def subgoal_transitions(tasks: Sequence[Sequence[int]]) -> set[tuple[int, int]]:

@@ -140,7 +140,7 @@ def dataset_episode_frames(dataset, episode: int, cell_px: int = CELL_PX) -> lis
     frames = []
     for t in range(int(dataset.lengths[episode])):
         subgoal = int(dataset.subgoals[episode, t])
-        header = f"t {t}  task {task}  subgoal {'ABCD'[subgoal] if subgoal >= 0 else '-'}"
+        header = f"t {t}  task {task}  subgoal {pinpad.GRID_SUBGOAL_LETTERS[subgoal] if subgoal >= 0 else '-'}"
         frames.append(render_grid(layout_from_observation(dataset.obs[episode, t]), header, cell_px))
     return frames
 
