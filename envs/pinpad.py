@@ -21,7 +21,7 @@ from flax import struct
 
 # --- gridworld-pinpad: subgoals are colour pairs, tasks are written as subgoal letters.
 GRID_SUBGOALS = {"A": (0, 1), "B": (2, 3), "C": (4, 5), "D": (6, 7)}
-GRID_SUBGOAL_LETTERS = "ABCD"  # subgoal index g -> its letter (colours 2g, 2g + 1)
+GRID_SUBGOAL_LETTERS = "".join(GRID_SUBGOALS)  # subgoal index g -> its letter (colours 2g, 2g + 1)
 GRID_PRETRAIN_TASKS = (
     "A-C-A", "A-C-B", "A-D-B", "B-A-C", "B-D-B", "B-D-C", "C-A-C", "C-A-D",
     "C-B-D", "D-B-A", "D-B-D", "D-C-A", "A-D-C", "B-A-D", "C-B-A", "D-C-B",
