@@ -27,7 +27,7 @@ from typing import Callable
 import jax
 
 from hrl.algos import bc, controllers, discovery, ppo, probe
-from hrl.experiment import (ExperimentConfig, controller_episodes, discovery_base, expert_env, init_pretrain_state)
+from hrl.experiment import ExperimentConfig, discovery_base, expert_env, init_pretrain_state
 from hrl.infra.config import load_config
 from rl_throughput import best_call_seconds  # benchmarks/ is this script's directory, first on sys.path
 from train_throughput import synthetic_dataset
@@ -61,7 +61,13 @@ def build_grid_stage(stage: str, config: ExperimentConfig) -> tuple[Callable, ob
         layers = cfg.swept_layers(base.num_layers)
         dataset = synthetic_dataset(max(cfg.batch_size, 256), env.max_steps, env.observation_space.shape[0])
         state = controllers.init(key, cfg, base, len(layers), env.num_subgoals)
-        chunk = controllers.make_train_chunk(cfg, base, layers, controller_episodes(config, env, dataset))
+        if cfg.data == "online":
+            from envs.experts import make_expert
+
+            episodes = controllers.online_episodes(env, env.pretrain_params(), make_expert(env, 0.0), cfg.batch_size)
+        else:
+            episodes = controllers.dataset_episodes(dataset, cfg.batch_size)
+        chunk = controllers.make_train_chunk(cfg, base, layers, episodes)
         return chunk, state, cfg.batch_size, "episodes"
     if stage in ("discovery", "discovery_cotrained"):
         cfg, variant = config.discovery, "cotrained" if stage == "discovery_cotrained" else "frozen"

@@ -78,6 +78,23 @@ def move_probabilities(optimal: jax.Array, safe: jax.Array, reachable: jax.Array
     return jnp.where(reachable, (1 - epsilon) * optimal / jnp.sum(optimal) + epsilon * random_safe, random_safe)
 
 
+class SubgoalStartLabels(NamedTuple):
+    """What the clean expert would do at a state, were each subgoal the next one."""
+
+    moves: jax.Array  # [G, 4] the noise-free expert's distribution towards subgoal g's first colour
+    between_subgoals: jax.Array  # bool: no colour of the next subgoal is visited yet (or the episode starts)
+
+
+def subgoal_start_labels(state: GridState, params: pinpad.PinpadParams) -> SubgoalStartLabels:
+    """`SubgoalStartLabels` at `state`: one shortest-path search per subgoal (4). Between subgoals,
+    the move towards the real next subgoal is the expert's own (`expert_probabilities`); the others
+    are counterfactual: where the episode would go had its task another next subgoal, including
+    the transitions no pretraining task has."""
+    first_colours = jnp.array([colours[0] for colours in pinpad.GRID_SUBGOALS.values()])
+    moves = jax.vmap(lambda colour: _noise_free_distribution(*moves_towards(state, colour)))(first_colours)
+    return SubgoalStartLabels(moves, state.progress % 2 == 0)
+
+
 class TaskView(NamedTuple):
     """What a task-blind observer of the expert can compute at a state, for each task k of the set."""
 
@@ -176,3 +193,12 @@ def make_task_blind_labelled_expert(env, epsilon: float = 0.0):
         return lambda key, state, params: (labelled_action(key, state, params, epsilon)[0],
                                            per_task(state, params, epsilon, env.horizon))
     raise ValueError(f"no expert for environment {env.name!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def make_subgoal_start_labeller(env):
+    """`(state, params) -> SubgoalStartLabels` of a registered environment (the labels of the
+    supervised controllers' `counterfactual_weight`, see hrl.algos.controllers)."""
+    if env.name == "GridPinpad-v0":
+        return subgoal_start_labels
+    raise ValueError(f"no subgoal-start labels for environment {env.name!r}")

@@ -22,7 +22,8 @@ from flax import nnx
 
 import envs
 from envs.base import Discrete
-from envs.experts import make_expert, make_labelled_expert, make_task_blind_labelled_expert
+from envs.experts import (make_expert, make_labelled_expert, make_subgoal_start_labeller,
+                          make_task_blind_labelled_expert)
 
 from hrl.algos import bc, controllers, crl, discovery, grpo, internal_rl, ppo, pretrain, probe
 from hrl.algos.bc import BCConfig
@@ -110,6 +111,9 @@ class ExperimentConfig:
         check(self.pretrain.own_episodes == 0 or grid_only, "pretrain.own_episodes",
               f"must be 0 on {env.name}: their labels are gridworld-pinpad's task posterior",
               self.pretrain.own_episodes)
+        check(self.controllers.counterfactual_weight == 0 or grid_only, "controllers.counterfactual_weight",
+              f"must be 0 on {env.name}: its labels are gridworld-pinpad's shortest paths to each subgoal",
+              self.controllers.counterfactual_weight)
         check_collect_fits_expert(self)
 
 
@@ -516,13 +520,15 @@ def discovery_base(config: ExperimentConfig, runs_dir: str | Path, variant: str)
 
 
 def controller_episodes(config: ExperimentConfig, runs_dir: str | Path, env: envs.Env,
-                        oracle: bool = False) -> controllers.Episodes:
+                        oracle: bool = False) -> controllers.Sampler:
     """The supervised controllers' batches: from the collected D*, or fresh episodes of its clean
-    expert; for the oracle, always fresh episodes of that expert on the post-training task."""
+    expert (with the counterfactual labels of `controllers.counterfactual_weight`); for the
+    oracle, always fresh episodes of that expert on the post-training task."""
     cfg = config.controllers
     if oracle or cfg.data == "online":
         tasks = env.posttrain_params() if oracle else env.pretrain_params()
-        return controllers.online_episodes(env, tasks, clean_expert(config, runs_dir, env), cfg.batch_size)
+        labeller = make_subgoal_start_labeller(env) if cfg.counterfactual_weight > 0 else None
+        return controllers.online_episodes(env, tasks, clean_expert(config, runs_dir, env), cfg.batch_size, labeller)
     dataset = expert.load_dataset(run_collect(config, runs_dir).path / EXPERT_DATA_CLEAN)
     return controllers.dataset_episodes(dataset, cfg.batch_size)
 

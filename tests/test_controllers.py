@@ -15,7 +15,7 @@ from hrl import cli
 from hrl.algos import controllers
 from hrl.analysis.figures import write_figures
 from hrl.experiment import TRANSITIONS_FILE, ExperimentConfig, controller_episodes
-from hrl.infra.config import load_config
+from hrl.infra.config import ConfigError, load_config
 from hrl.infra.rundir import RunDir
 from hrl.models import rollout
 from hrl.models.heads import Categorical
@@ -48,6 +48,39 @@ def test_controllers_learn_and_leave_the_base_model_bitwise_unchanged(clean_data
     jax.tree.map(np.testing.assert_array_equal, host_copy(nnx.state(base)), before)
 
 
+def test_counterfactual_controllers_learn_the_moves_to_every_next_subgoal(base):
+    from envs.experts import make_expert, make_subgoal_start_labeller
+
+    before = host_copy(nnx.state(base))
+    sample = controllers.online_episodes(ENV, ENV.pretrain_params(), make_expert(ENV, 0.0), 8,
+                                         make_subgoal_start_labeller(ENV))
+    heldout = jax.jit(sample)(jax.random.key(99))
+    assert heldout.counterfactual.moves.shape == (8, ENV.max_steps, NUM_SUBGOALS, 4)
+    layers = (0,)
+
+    def trained_counterfactual_nll(weight):
+        cfg = controllers.ControllerConfig(learning_rate=3e-2, batch_size=8, num_updates=100, updates_per_chunk=100,
+                                           data="online", counterfactual_weight=weight)
+        state = controllers.init(jax.random.key(2), cfg, base, len(layers), NUM_SUBGOALS)
+        state, metrics = controllers.make_train_chunk(cfg, base, layers, sample)(state)
+        nll = controllers.counterfactual_nll(base, state.module(), 0, 0, base(heldout.obs).residuals[0], heldout)
+        return float(nll), jax.device_get(metrics)
+
+    # The tiny base model predicts little (action NLL 1.33 nats, uniform: 1.39): small margins.
+    with_term, metrics = trained_counterfactual_nll(1.0)
+    without_term, _ = trained_counterfactual_nll(0.0)
+    assert with_term < without_term - 0.01
+    assert metrics["counterfactual_nll/layer_0"] > 0
+    jax.tree.map(np.testing.assert_array_equal, host_copy(nnx.state(base)), before)
+
+
+def test_counterfactual_labels_need_online_grid_data():
+    with pytest.raises(ValueError, match="counterfactual_weight"):
+        controllers.ControllerConfig(counterfactual_weight=1.0, data="dataset").validate()
+    with pytest.raises(ConfigError, match="controllers.counterfactual_weight"):  # the ant: refused before any work
+        load_config(ExperimentConfig, "ant/quick", ["controllers.counterfactual_weight=1", "controllers.data=online"])
+
+
 def test_subgoal_starts_mark_each_episodes_first_step_and_every_change_of_subgoal():
     subgoals = jnp.array([[2, 2, 0, 0, 3, 3], [1, 1, 1, 1, 1, 1]])
     mask = jnp.array([[1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0]], bool)
@@ -59,7 +92,8 @@ def test_online_batches_are_fresh_clean_expert_episodes_with_their_subgoals():
     from envs.experts import make_expert
 
     sample = jax.jit(controllers.online_episodes(ENV, ENV.pretrain_params(), make_expert(ENV, 0.0), 6))
-    obs, actions, subgoals, mask = sample(jax.random.key(0))
+    obs, actions, subgoals, mask, counterfactual = sample(jax.random.key(0))
+    assert counterfactual is None  # only with a labeller (counterfactual_weight)
     assert obs.shape == (6, ENV.max_steps, ENV.observation_space.shape[0]) and actions.shape == mask.shape == (6, 40)
     assert not np.array_equal(obs, sample(jax.random.key(1))[0])
     valid = np.asarray(subgoals)[np.asarray(mask)]
@@ -136,7 +170,8 @@ def test_the_oracle_learns_from_the_post_training_tasks_expert(pretrained_runs):
     config = load_config(ExperimentConfig, "gridworld/quick", tiny)
     for oracle, first_subgoals in ((True, {0}), (False, {0, 1, 2, 3})):
         sample = jax.jit(controller_episodes(config, runs, ENV, oracle=oracle))
-        _, _, subgoals, mask = jax.device_get(sample(jax.random.key(0)))
+        batch = jax.device_get(sample(jax.random.key(0)))
+        subgoals, mask = batch.subgoals, batch.mask
         assert set(subgoals[:, 0].tolist()) <= first_subgoals
         transitions = {(int(a), int(b)) for row, valid in zip(subgoals, mask)
                        for a, b in zip(row[valid][:-1], row[valid][1:]) if a != b}

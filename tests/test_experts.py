@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from envs import pinpad
-from envs.experts import expert_probabilities, labelled_action, per_task, shortest_path_action
+from envs.experts import expert_probabilities, labelled_action, per_task, shortest_path_action, subgoal_start_labels
 from envs.grid_pinpad import GridPinpad, GridState, task_is_solvable, task_steps_needed
 
 KEY = jax.random.key(1)
@@ -132,3 +132,38 @@ def test_the_task_blind_view_agrees_with_the_expert_and_the_solvability_check():
     np.testing.assert_array_equal(view.doable, doable)
     assert 0.05 < float(np.mean(doable)) < 0.95  # both kinds of task occur
     np.testing.assert_allclose(np.asarray(view.moves).sum(-1), 1.0, atol=1e-5)
+
+
+def test_subgoal_start_labels_are_the_experts_move_had_the_task_that_next_subgoal():
+    env = GridPinpad()
+
+    def at_reset(key):  # every subgoal g against the expert of a task that starts with g
+        _, state = env.reset(key, env.pretrain_params())
+        as_first = [expert_probabilities(state, env.subgoal_task_params((g, (g + 1) % 4))) for g in range(4)]
+        return subgoal_start_labels(state, env.pretrain_params()), jnp.stack(as_first)
+
+    labels, as_first = jax.jit(jax.vmap(at_reset))(jax.random.split(KEY, 100))
+    np.testing.assert_allclose(labels.moves, as_first, atol=1e-6)
+    assert bool(jnp.all(labels.between_subgoals))
+
+    # Along the clean expert's post-training episodes, whose every transition no pretraining task
+    # has: between subgoals, the label of the real next subgoal is the expert's own move.
+    params = env.posttrain_params()
+
+    def episode(key):
+        _, state = env.reset(key, params)
+
+        def step(state, k):
+            action, _ = shortest_path_action(k, state, params)
+            record = (subgoal_start_labels(state, params), expert_probabilities(state, params),
+                      env.subgoal(state, params), state.progress)
+            return env.step(k, state, action, params)[1], record
+
+        return jax.lax.scan(step, state, jax.random.split(key, 30))[1]
+
+    labels, expert, subgoal, progress = jax.jit(jax.vmap(episode))(jax.random.split(KEY, 50))
+    np.testing.assert_array_equal(labels.between_subgoals, np.asarray(progress) % 2 == 0)
+    between = np.asarray(labels.between_subgoals) & (np.asarray(progress) < 12)
+    own = np.take_along_axis(np.asarray(labels.moves), np.asarray(subgoal)[..., None, None], axis=-2)[..., 0, :]
+    np.testing.assert_allclose(own[between], np.asarray(expert)[between], atol=1e-6)
+    assert np.asarray(progress)[between].max() >= 4  # past A -> B, an unseen transition

@@ -65,6 +65,13 @@ class ControllerConfig:
     # quick preset's 1024-episode D*, full-rank controllers at layer 2 reached action NLL 0.15 on
     # D* but 0.50 on fresh episodes, worse than the unsteered base model (0.34): memorised.
     data: str = "dataset"
+    # DECIDE (not in the paper; online data, gridworld): the weight of a counterfactual term. At
+    # every step of D* between two subgoals, each subgoal g's controller is also trained towards
+    # the clean expert's move to g's first colour from that state, as if the task went on with g
+    # (`envs.experts.subgoal_start_labels`): contexts D* has, with targets of transitions it may
+    # never have (A -> B after A). Same states and expert as D*, no post-training episode. 0: the
+    # paper's controllers.
+    counterfactual_weight: float = 0.0
 
     def validate(self) -> None:
         for name in ("learning_rate", "max_grad_norm", "batch_size", "num_updates", "updates_per_chunk", "eval_episodes"):
@@ -76,6 +83,9 @@ class ControllerConfig:
         check(self.num_updates % self.updates_per_chunk == 0, "num_updates",
               f"must be a multiple of updates_per_chunk ({self.updates_per_chunk})", self.num_updates)
         check(self.data in ("online", "dataset"), "data", "must be 'online' or 'dataset'", self.data)
+        check(self.counterfactual_weight >= 0, "counterfactual_weight", "must be >= 0", self.counterfactual_weight)
+        check(self.counterfactual_weight == 0 or self.data == "online", "counterfactual_weight",
+              "needs data=online (a dataset keeps no states to label)", self.counterfactual_weight)
 
     @property
     def num_chunks(self) -> int:
@@ -132,28 +142,42 @@ def steered_action_logits(base: Transformer, controllers: LinearControllers, lay
             for index, layer in enumerate(layers)]
 
 
-Episodes = Callable[[jax.Array], tuple[jax.Array, jax.Array, jax.Array, jax.Array]]  # key -> obs, actions, subgoals, mask
+class Episodes(NamedTuple):
+    """A batch of the controllers' training episodes, [B, T, ...]."""
+
+    obs: jax.Array
+    actions: jax.Array
+    subgoals: jax.Array  # the ground-truth subgoal of each step, whose controller steers it
+    mask: jax.Array  # the steps that happened
+    counterfactual: Any = None  # `envs.experts.SubgoalStartLabels` of each step (counterfactual_weight)
 
 
-def dataset_episodes(dataset: Any, batch_size: int) -> Episodes:
+Sampler = Callable[[jax.Array], Episodes]  # key -> a batch
+
+
+def dataset_episodes(dataset: Any, batch_size: int) -> Sampler:
     """`sample(key)`: `batch_size` episodes of `dataset` (D*), uniformly with replacement."""
     obs, actions = jnp.asarray(dataset.obs), jnp.asarray(dataset.actions)
     subgoals, mask = jnp.asarray(dataset.subgoals), jnp.asarray(dataset.mask)
 
     def sample(key: jax.Array):
         episodes = jax.random.randint(key, (batch_size,), 0, obs.shape[0])
-        return obs[episodes], actions[episodes], subgoals[episodes], mask[episodes]
+        return Episodes(obs[episodes], actions[episodes], subgoals[episodes], mask[episodes])
 
     return sample
 
 
-def online_episodes(env: Env, env_params: Any, expert: Callable, batch_size: int) -> Episodes:
-    """`sample(key)`: `batch_size` fresh episodes of D*'s clean expert (padded to the horizon), inside jit."""
+def online_episodes(env: Env, env_params: Any, expert: Callable, batch_size: int,
+                    counterfactual_labels: Callable | None = None) -> Sampler:
+    """`sample(key)`: `batch_size` fresh episodes of D*'s clean expert (padded to the horizon),
+    inside jit, with `counterfactual_labels(state, params)` at every step if given
+    (`envs.experts.make_subgoal_start_labeller`)."""
+    label = counterfactual_labels or (lambda state, params: None)
 
     def sample(key: jax.Array):
-        episodes = jax.vmap(lambda k: expert_data.rollout_expert(env, env_params, expert, k))(
+        episodes, labels = jax.vmap(lambda k: expert_data.rollout_expert_labelled(env, env_params, expert, label, k))(
             jax.random.split(key, batch_size))
-        return episodes.obs, episodes.actions, episodes.subgoals, episodes.mask
+        return Episodes(episodes.obs, episodes.actions, episodes.subgoals, episodes.mask, labels)
 
     return sample
 
@@ -168,45 +192,75 @@ def subgoal_starts(subgoals: jax.Array, mask: jax.Array) -> jax.Array:
     return changed & mask
 
 
-def make_train_chunk(cfg: ControllerConfig, base: Transformer, layers: tuple[int, ...], sample_episodes: Episodes,
+def counterfactual_nll(base: Transformer, controllers: LinearControllers, index: int, layer: int,
+                       residual: jax.Array, batch: Episodes) -> jax.Array:
+    """Set `index`'s mean NLL of the clean expert's move towards subgoal g's first colour, under
+    g's controller, over the steps between subgoals and every g but the step's own subgoal
+    (`counterfactual_weight`). One pass of the upper blocks per g, with g steering every step
+    between subgoals (as it would steer that stretch when chained) and the ground truth's
+    controllers the others, so a later stretch between subgoals sees earlier ones steered by g too."""
+    labels = batch.counterfactual
+    between = labels.between_subgoals & batch.mask
+    num_subgoals = labels.moves.shape[-2]
+
+    def towards(g):
+        steered = controllers.steer(index, residual, jnp.where(between, g, batch.subgoals))
+        return base.action_dist.target_nll(base.upper(steered, layer).action_params, labels.moves[..., g, :])
+
+    nll = jnp.stack([towards(g) for g in range(num_subgoals)], axis=-1)  # [B, T, G]
+    return masked_mean(nll, between[..., None] & (jnp.arange(num_subgoals) != batch.subgoals[..., None]))
+
+
+def make_train_chunk(cfg: ControllerConfig, base: Transformer, layers: tuple[int, ...], sample_episodes: Sampler,
                      mesh: Mesh | None = None) -> Callable[[TrainState], tuple[TrainState, dict]]:
     """A jitted `train_chunk(state) -> (state, metrics)` of `cfg.updates_per_chunk` updates on
     batches from `sample_episodes`: `action_nll/layer_l`, `subgoal_start_nll/layer_l` and
-    `action_accuracy/layer_l` per controlled layer, and the unsteered base model's
-    `base_action_nll` and `base_subgoal_start_nll` on the same batches."""
+    `action_accuracy/layer_l` per controlled layer (with `counterfactual_weight`, also
+    `counterfactual_nll/layer_l`), and the unsteered base model's `base_action_nll` and
+    `base_subgoal_start_nll` on the same batches."""
     optimizer = make_optimizer(cfg)
 
-    def loss_fn(params, graphdef, residuals, actions, subgoals, mask):
-        all_logits = steered_action_logits(base, nnx.merge(graphdef, params), layers, residuals, subgoals)
-        step_nll = [base.action_dist.nll(logits, actions) for logits in all_logits]
-        nll = jnp.stack([masked_mean(values, mask) for values in step_nll])
-        start_nll = jnp.stack([masked_mean(values, subgoal_starts(subgoals, mask)) for values in step_nll])
-        accuracy = jnp.stack([masked_mean(base.action_dist.fit(logits, actions), mask) for logits in all_logits])
-        return jnp.sum(nll), (nll, start_nll, accuracy)  # the sets share no parameter: each gets its own gradient
+    def loss_fn(params, graphdef, residuals, batch: Episodes):
+        controllers = nnx.merge(graphdef, params)
+        all_logits = steered_action_logits(base, controllers, layers, residuals, batch.subgoals)
+        step_nll = [base.action_dist.nll(logits, batch.actions) for logits in all_logits]
+        starts = subgoal_starts(batch.subgoals, batch.mask)
+        nll = jnp.stack([masked_mean(values, batch.mask) for values in step_nll])
+        start_nll = jnp.stack([masked_mean(values, starts) for values in step_nll])
+        accuracy = jnp.stack([masked_mean(base.action_dist.fit(logits, batch.actions), batch.mask)
+                              for logits in all_logits])
+        if cfg.counterfactual_weight == 0:
+            counterfactual = jnp.zeros_like(nll)
+        else:
+            counterfactual = jnp.stack([counterfactual_nll(base, controllers, index, layer, residuals[layer], batch)
+                                        for index, layer in enumerate(layers)])
+        # The sets share no parameter: each gets its own gradient.
+        return jnp.sum(nll + cfg.counterfactual_weight * counterfactual), (nll, start_nll, accuracy, counterfactual)
 
     def update(state: TrainState, _):
         key, batch_key = jax.random.split(state.key)
-        batch_obs, batch_actions, batch_subgoals, batch_mask = shard_batch(sample_episodes(batch_key), mesh)
-        unsteered = base(batch_obs)  # outside the differentiated function: the base is frozen
+        batch = shard_batch(sample_episodes(batch_key), mesh)
+        unsteered = base(batch.obs)  # outside the differentiated function: the base is frozen
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (_, (nll, start_nll, accuracy)), grads = grad_fn(state.params, state.graphdef, unsteered.residuals,
-                                                         batch_actions, batch_subgoals, batch_mask)
+        (_, terms), grads = grad_fn(state.params, state.graphdef, unsteered.residuals, batch)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        base_step_nll = base.action_dist.nll(unsteered.action_params, batch_actions)
-        base_nll = (masked_mean(base_step_nll, batch_mask),
-                    masked_mean(base_step_nll, subgoal_starts(batch_subgoals, batch_mask)))
-        return state.replace(params=params, opt_state=opt_state, key=key), (nll, start_nll, accuracy, base_nll)
+        base_step_nll = base.action_dist.nll(unsteered.action_params, batch.actions)
+        base_nll = (masked_mean(base_step_nll, batch.mask),
+                    masked_mean(base_step_nll, subgoal_starts(batch.subgoals, batch.mask)))
+        return state.replace(params=params, opt_state=opt_state, key=key), (terms, base_nll)
 
     @jax.jit
     def train_chunk(state: TrainState):
-        state, (nll, start_nll, accuracy, (base_nll, base_start_nll)) = jax.lax.scan(
+        state, ((nll, start_nll, accuracy, counterfactual), (base_nll, base_start_nll)) = jax.lax.scan(
             update, state, length=cfg.updates_per_chunk)
         metrics = {"base_action_nll": base_nll.mean(), "base_subgoal_start_nll": base_start_nll.mean()}
         for index, layer in enumerate(layers):
             metrics[f"action_nll/layer_{layer}"] = nll[:, index].mean()
             metrics[f"subgoal_start_nll/layer_{layer}"] = start_nll[:, index].mean()
             metrics[f"{base.action_dist.fit_metric}/layer_{layer}"] = accuracy[:, index].mean()
+            if cfg.counterfactual_weight > 0:
+                metrics[f"counterfactual_nll/layer_{layer}"] = counterfactual[:, index].mean()
         return state, metrics
 
     return train_chunk

@@ -74,6 +74,13 @@ class CollectConfig:
 
 def rollout_expert(env: Env, params, expert: Expert, key: jax.Array) -> Dataset:
     """One expert episode (unbatched; vmap it). Steps after the episode's end are masked out."""
+    return rollout_expert_labelled(env, params, expert, lambda state, params: None, key)[0]
+
+
+def rollout_expert_labelled(env: Env, params, expert: Expert, label: Callable[[Any, Any], Any], key: jax.Array
+                            ) -> tuple[Dataset, Any]:
+    """`rollout_expert`'s episode and `label(state, params)` at each of its steps (time first;
+    after the end, the final state's)."""
     key_reset, key_steps = jax.random.split(key)
     obs, state = env.reset(key_reset, params)
 
@@ -81,7 +88,7 @@ def rollout_expert(env: Env, params, expert: Expert, key: jax.Array) -> Dataset:
         obs, state, done, success = carry
         key_act, key_env = jax.random.split(key)
         action = expert(key_act, state, params)
-        record = (obs, action, ~done, env.subgoal(state, params))
+        record = (obs, action, ~done, env.subgoal(state, params), label(state, params))
         next_obs, next_state, _, terminated, truncated, info = env.step(key_env, state, action, params)
         # After the end, keep the final state (env.step never resets).
         next_state = jax.tree.map(lambda old, new: jnp.where(done, old, new), state, next_state)
@@ -89,11 +96,11 @@ def rollout_expert(env: Env, params, expert: Expert, key: jax.Array) -> Dataset:
         return (next_obs, next_state, done | terminated | truncated, success), record
 
     init = (obs, state, jnp.bool_(False), jnp.bool_(False))
-    (_, state, _, success), (obs, actions, mask, subgoals) = jax.lax.scan(
+    (_, state, _, success), (obs, actions, mask, subgoals, labels) = jax.lax.scan(
         step, init, jax.random.split(key_steps, env.max_steps)
     )
     task_id = params.tasks.ids[state.task]
-    return Dataset(obs, actions, mask, subgoals, task_id, jnp.sum(mask, dtype=jnp.int32), success)
+    return Dataset(obs, actions, mask, subgoals, task_id, jnp.sum(mask, dtype=jnp.int32), success), labels
 
 
 class Stream(NamedTuple):
