@@ -17,6 +17,12 @@ post-training task is made of, at the same short length.
 
 One controller set per controlled layer; all sets of the sweep train side by side in one update
 (the base's lower blocks run once for all of them), each with its own optimiser state.
+
+`counterfactual_weight` (not the paper's method) adds, at D*'s steps between two subgoals, the
+clean expert's move towards every other subgoal's first colour as a target of that subgoal's
+controller (`counterfactual_nll`). D* never shows a subgoal starting where the pretraining tasks
+rule it out (B right after A); these targets do, on D*'s own states, without any episode of the
+post-training task.
 """
 
 from __future__ import annotations
