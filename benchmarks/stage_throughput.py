@@ -26,6 +26,7 @@ from typing import Callable
 
 import jax
 
+from envs.experts import make_expert
 from hrl.algos import bc, controllers, discovery, ppo, probe
 from hrl.experiment import ExperimentConfig, discovery_base, expert_env, init_pretrain_state
 from hrl.infra.config import load_config
@@ -62,8 +63,6 @@ def build_grid_stage(stage: str, config: ExperimentConfig) -> tuple[Callable, ob
         dataset = synthetic_dataset(max(cfg.batch_size, 256), env.max_steps, env.observation_space.shape[0])
         state = controllers.init(key, cfg, base, len(layers), env.num_subgoals)
         if cfg.data == "online":
-            from envs.experts import make_expert
-
             episodes = controllers.online_episodes(env, env.pretrain_params(), make_expert(env, 0.0), cfg.batch_size)
         else:
             episodes = controllers.dataset_episodes(dataset, cfg.batch_size)
@@ -76,8 +75,6 @@ def build_grid_stage(stage: str, config: ExperimentConfig) -> tuple[Callable, ob
         else:
             frozen_base, make_base = base, base
         if cfg.data == "online":
-            from envs.experts import make_expert
-
             episodes = discovery.online_episodes(env, env.pretrain_params(), make_expert(env, 0.0), cfg.batch_size)
         else:
             dataset = synthetic_dataset(max(cfg.batch_size, 256), env.max_steps, env.observation_space.shape[0])

@@ -195,7 +195,6 @@ def make_task_blind_labelled_expert(env, epsilon: float = 0.0):
     raise ValueError(f"no expert for environment {env.name!r}")
 
 
-@functools.lru_cache(maxsize=None)
 def make_subgoal_start_labeller(env):
     """`(state, params) -> SubgoalStartLabels` of a registered environment (the labels of the
     supervised controllers' `counterfactual_weight`, see hrl.algos.controllers)."""

@@ -68,9 +68,9 @@ def test_counterfactual_controllers_learn_the_moves_to_every_next_subgoal(base):
 
     # The tiny base model predicts little (action NLL 1.33 nats, uniform: 1.39): small margins.
     with_term, metrics = trained_counterfactual_nll(1.0)
-    without_term, _ = trained_counterfactual_nll(0.0)
+    without_term, metrics_without = trained_counterfactual_nll(0.0)
     assert with_term < without_term - 0.01
-    assert metrics["counterfactual_nll/layer_0"] > 0
+    assert "counterfactual_nll/layer_0" in metrics and "counterfactual_nll/layer_0" not in metrics_without
     jax.tree.map(np.testing.assert_array_equal, host_copy(nnx.state(base)), before)
 
 
