@@ -452,8 +452,9 @@ TRANSITIONS_FILE = "transitions.json"  # {layer: {"X->Y": success}} of the two-s
 def run_controllers(config: ExperimentConfig, runs_dir: str | Path, overwrite: bool = False,
                     oracle: bool = False) -> RunDir:
     """Supervised controllers on D*, one set per controlled layer, chained on the post-training task
-    and on the pretraining tasks. The summary adds `posttrain_success_by_layer`,
-    `pretrain_success_by_layer`, the unsteered `base_posttrain_success` and, on every two-subgoal
+    and on the pretraining tasks. The summary adds `posttrain_success_by_layer` (and
+    `posttrain_greedy_success_by_layer`, the most likely actions'), `pretrain_success_by_layer`,
+    the unsteered `base_posttrain_success` (and `base_posttrain_greedy_success`) and, on every two-subgoal
     task X-Y, the mean success over the pairs whose transition X -> Y some pretraining task has
     (`seen_transition_success_by_layer`) and over those none has (`unseen_...`); each pair's is in
     TRANSITIONS_FILE. Composing the post-training task needs the unseen ones.
@@ -486,20 +487,24 @@ def run_controllers(config: ExperimentConfig, runs_dir: str | Path, overwrite: b
         mesh=mesh,
     )
     metrics = result.summary["metrics"]
-    success = {tasks: {str(layer): metrics[f"eval/{tasks}_success/layer_{layer}"] for layer in layers}
-               for tasks in ("posttrain", "pretrain")}
-    base_success = controllers.evaluate_base(cfg, base, env, eval_key)["success_rate"]
+    success = {name: {str(layer): metrics[f"eval/{name}/layer_{layer}"] for layer in layers}
+               for name in ("posttrain_success", "posttrain_greedy_success", "pretrain_success")}
+    unsteered = controllers.evaluate_base(cfg, base, env, eval_key)
     transitions = controllers.summarise_transitions(
         env, layers, jax.device_get(controllers.make_evaluate_transitions(cfg, base, layers, env, eval_key)(result.state)))
     (run.path / TRANSITIONS_FILE).write_text(json.dumps(transitions["pairs"], indent=2))
-    run.mark_complete({**result.summary, "posttrain_success_by_layer": success["posttrain"],
-                       "pretrain_success_by_layer": success["pretrain"], "base_posttrain_success": base_success,
+    run.mark_complete({**result.summary, "posttrain_success_by_layer": success["posttrain_success"],
+                       "posttrain_greedy_success_by_layer": success["posttrain_greedy_success"],
+                       "pretrain_success_by_layer": success["pretrain_success"],
+                       "base_posttrain_success": unsteered["success_rate"],
+                       "base_posttrain_greedy_success": unsteered["greedy_success_rate"],
                        "seen_transition_success_by_layer": transitions["seen"],
                        "unseen_transition_success_by_layer": transitions["unseen"]})
     by_layer = lambda values: ", ".join(f"{layer}: {value:.3f}" for layer, value in values.items())
-    print(f"{stage}: done ({run.path}): post-training success by controlled layer {by_layer(success['posttrain'])}"
-          f" (unsteered base {base_success:.3f}); on the pretraining tasks {by_layer(success['pretrain'])}; two-subgoal"
-          f" tasks X-Y whose transition pretraining has {by_layer(transitions['seen'])}, has not"
+    print(f"{stage}: done ({run.path}): post-training success by controlled layer {by_layer(success['posttrain_success'])}"
+          f" (greedy {by_layer(success['posttrain_greedy_success'])}; unsteered base {unsteered['success_rate']:.3f},"
+          f" greedy {unsteered['greedy_success_rate']:.3f}); on the pretraining tasks {by_layer(success['pretrain_success'])};"
+          f" two-subgoal tasks X-Y whose transition pretraining has {by_layer(transitions['seen'])}, has not"
           f" {by_layer(transitions['unseen'])}")
     return run
 

@@ -230,8 +230,13 @@ def test_closed_loop_evaluation_reports_rates(dataset):
     state = pretrain.init(jax.random.key(4), cfg, MODEL, 637, 4)
     metrics = jax.device_get(pretrain.make_evaluate(cfg, ENV, jax.random.key(5))(state))
     for task in ("any_pretrain", "posttrain"):
-        assert 0.0 <= metrics[f"{task}/success_rate"] <= 1.0
-        assert 1.0 <= metrics[f"{task}/length"] <= 100.0
+        for decoding in ("", "greedy_"):
+            assert 0.0 <= metrics[f"{task}/{decoding}success_rate"] <= 1.0
+            assert 1.0 <= metrics[f"{task}/{decoding}length"] <= 100.0
+    # The greedy episodes are the most likely actions' (the layouts are the same).
+    greedy = rollout.evaluate(state.module(), ENV, ENV.pretrain_params(any_task=True),
+                              jax.random.split(jax.random.key(5), 8), greedy=True)
+    assert metrics["any_pretrain/greedy_length"] == pytest.approx(float(greedy["length"]))
 
 
 def test_padding_after_the_longest_episode_changes_no_loss(dataset):

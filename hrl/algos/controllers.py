@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 from typing import Any, Callable, NamedTuple
 
@@ -280,8 +281,10 @@ class SteeredEpisode(NamedTuple):
     subgoals: jax.Array  # [max_steps] the subgoal whose controller steered each step
 
 
-def run_steered_episode(model: Any, env: Env, env_params: Any, key: jax.Array, steer: Steer, layer: int) -> SteeredEpisode:
-    """One closed-loop episode, decoded incrementally, actions sampled from the steered model.
+def run_steered_episode(model: Any, env: Env, env_params: Any, key: jax.Array, steer: Steer, layer: int,
+                        greedy: bool = False) -> SteeredEpisode:
+    """One closed-loop episode, decoded incrementally, actions sampled from the steered model (the
+    most likely one if greedy).
 
     Step t is steered by `steer(e_layer, g_t)` where g_t is the current ground-truth subgoal:
     `env.subgoal` after the reset for the first step, then `info["subgoal"]` of the previous
@@ -295,7 +298,8 @@ def run_steered_episode(model: Any, env: Env, env_params: Any, key: jax.Array, s
         obs, state, subgoal, cache, done, success, progress, length = carry
         key_act, key_env = jax.random.split(key)
         out, cache, _ = model.step(cache, obs, lambda e: steer(e, subgoal), layer)
-        action = model.action_dist.sample(out.action_params, key_act)
+        dist = model.action_dist
+        action = dist.mode(out.action_params) if greedy else dist.sample(out.action_params, key_act)
         obs, new_state, _, terminated, truncated, info = env.step(key_env, state, action, env_params)
         # Freeze the episode's results once it has ended; later steps are discarded.
         state = jax.tree.map(lambda old, new: jnp.where(done, old, new), state, new_state)
@@ -313,9 +317,9 @@ def run_steered_episode(model: Any, env: Env, env_params: Any, key: jax.Array, s
 
 
 def chained_success_and_progress(base: Transformer, env: Env, params: Any, keys: jax.Array, steer: Steer,
-                                 layer: int) -> tuple[jax.Array, jax.Array]:
+                                 layer: int, greedy: bool = False) -> tuple[jax.Array, jax.Array]:
     """Success rate and mean progress of `run_steered_episode` over one episode per key."""
-    episodes = jax.vmap(lambda k: run_steered_episode(base, env, params, k, steer, layer))(keys)
+    episodes = jax.vmap(lambda k: run_steered_episode(base, env, params, k, steer, layer, greedy))(keys)
     return jnp.mean(episodes.success), jnp.mean(episodes.progress)
 
 
@@ -325,8 +329,9 @@ def make_evaluate(cfg: ControllerConfig, base: Transformer, layers: tuple[int, .
     post-training task (`posttrain_success/layer_l`, `posttrain_progress/layer_l`) and, in
     distribution, on the pretraining tasks, one drawn per episode (`pretrain_success/layer_l`,
     `pretrain_progress/layer_l`). The second tells controllers that cannot steer at all from
-    controllers that steer but do not compose the post-training task's unseen transitions. The
-    episode keys are fixed, so every evaluation (and every layer) sees the same layouts."""
+    controllers that steer but do not compose the post-training task's unseen transitions. Actions
+    are sampled, and again the most likely (`posttrain_greedy_success/layer_l`, ...). The episode
+    keys are fixed, so every evaluation (and every layer) sees the same layouts."""
     task_sets = {"posttrain": env.posttrain_params(), "pretrain": env.pretrain_params()}
     keys = jax.random.split(key, cfg.eval_episodes)
 
@@ -336,10 +341,10 @@ def make_evaluate(cfg: ControllerConfig, base: Transformer, layers: tuple[int, .
         metrics = {}
         for index, layer in enumerate(layers):
             steer = functools.partial(controllers.steer, index)
-            for name, params in task_sets.items():
-                success, progress = chained_success_and_progress(base, env, params, keys, steer, layer)
-                metrics[f"{name}_success/layer_{layer}"] = success
-                metrics[f"{name}_progress/layer_{layer}"] = progress
+            for (name, params), (decoding, greedy) in itertools.product(task_sets.items(), rollout.DECODINGS):
+                success, progress = chained_success_and_progress(base, env, params, keys, steer, layer, greedy)
+                metrics[f"{name}_{decoding}success/layer_{layer}"] = success
+                metrics[f"{name}_{decoding}progress/layer_{layer}"] = progress
         return metrics
 
     return evaluate
@@ -394,7 +399,11 @@ def summarise_transitions(env: Env, layers: tuple[int, ...], metrics: dict) -> d
 
 
 def evaluate_base(cfg: ControllerConfig, base: Transformer, env: Env, key: jax.Array) -> dict[str, float]:
-    """The unsteered base model on the same post-training episodes as `make_evaluate(..., key)`."""
+    """The unsteered base model on the same post-training episodes as `make_evaluate(..., key)`,
+    sampling (`success_rate`, ...) and greedy (`greedy_success_rate`, ...)."""
     keys = jax.random.split(key, cfg.eval_episodes)
-    metrics = jax.jit(lambda: rollout.evaluate(base, env, env.posttrain_params(), keys))()
-    return {name: float(value) for name, value in metrics.items()}
+    metrics = {}
+    for decoding, greedy in rollout.DECODINGS:
+        results = jax.jit(lambda: rollout.evaluate(base, env, env.posttrain_params(), keys, greedy))()
+        metrics.update({f"{decoding}{name}": float(value) for name, value in results.items()})
+    return metrics

@@ -179,7 +179,6 @@ class PretrainConfig:
     num_updates: int = 3000
     updates_per_chunk: int = 50
     eval_episodes: int = 256
-    greedy_eval: bool = False  # sample actions (the policy is a stochastic expert's imitation)
     data: str = "dataset"  # "dataset" (batches from D) or "online" (fresh expert episodes per update)
     labels: str = "taken"  # "taken" (the data's actions), "expert" (the noise-free expert's distribution) or
     # "posterior" (that distribution averaged over the tasks the history leaves possible; grid only)
@@ -454,16 +453,21 @@ def concatenate_rows(first: Batch, second: Batch) -> Batch:
 
 
 def make_evaluate(cfg: PretrainConfig, env: Any, key: jax.Array) -> Callable[[TrainState], dict]:
-    """A jitted closed-loop evaluation: any pretraining task, and the post-training task. The
-    episode keys are fixed, so every evaluation of a run sees the same layouts."""
-    any_pretrain, posttrain = env.pretrain_params(any_task=True), env.posttrain_params()
+    """A jitted closed-loop evaluation: any pretraining task, and the post-training task, each
+    with sampled actions (`any_pretrain/success_rate`: the policy as RL and the controllers use
+    it) and with the most likely action (`any_pretrain/greedy_success_rate`). The episode keys
+    are fixed, so every evaluation of a run sees the same layouts."""
+    tasks = {"any_pretrain": env.pretrain_params(any_task=True), "posttrain": env.posttrain_params()}
     keys = jax.random.split(key, cfg.eval_episodes)
 
     @jax.jit
     def evaluate(state: TrainState):
         model = state.module()
-        pre = rollout.evaluate(model, env, any_pretrain, keys, cfg.greedy_eval)
-        post = rollout.evaluate(model, env, posttrain, keys, cfg.greedy_eval)
-        return {**{f"any_pretrain/{k}": v for k, v in pre.items()}, **{f"posttrain/{k}": v for k, v in post.items()}}
+        metrics = {}
+        for task, params in tasks.items():
+            for prefix, greedy in rollout.DECODINGS:
+                results = rollout.evaluate(model, env, params, keys, greedy)
+                metrics.update({f"{task}/{prefix}{name}": value for name, value in results.items()})
+        return metrics
 
     return evaluate

@@ -16,6 +16,11 @@ import jax.numpy as jnp
 from envs.base import Env
 
 
+# How evaluations decode actions, and the prefix of their metrics: sampled (the policy as RL and
+# the controllers use it) and the most likely action.
+DECODINGS = (("", False), ("greedy_", True))
+
+
 class Episode(NamedTuple):
     success: jax.Array  # bool
     progress: jax.Array  # colours correctly visited when the episode ended
