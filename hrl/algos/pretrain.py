@@ -39,95 +39,14 @@ Which action is the target (`PretrainConfig.labels`, DECIDE):
   one per step (quick preset: 15 s per 100 updates against 9.5). The prior leaves out that a
   task's layouts are redrawn at different rates (`hrl.analysis.headroom`).
 
-Measured on the quick preset's model (one run each, 256 closed-loop episodes, any-task success):
-taken labels 0.8% after 6000 unpacked online updates; expert labels with lambda = 0 19.5% after
-10000; packed, with the learning rate decayed to a tenth (cosine), 37.9% after 10000 (20.7% at
-4000) and, decayed over 16000, 60.5% after 16000 (18.4% at 4000, 39.8% at 8000). In that model
-most failures were a wrong choice of the next subgoal, not navigation: of 158 episodes (of 512)
-ended on a wrong colour, 130 stepped, right after completing a subgoal X, onto the first colour
-of X + 1 (mod 4), a transition no pretraining task has. Its position biases had stayed within
-about 0.2 per step of flat, so attention could not single out the last colour visited from the
-one before it. With a recency prior on those biases and no weight decay on them (the quick
-preset, `TransformerConfig.relpos_init_slope`, `decay_kernels_only`): 25.0% at 4000, 45.3% at
-8000 and 78.9% after 16000; in 512 episodes of that model 10% end on a wrong colour (19 of the
-X + 1 kind) and 13% run out of time. Stretched to 24000 updates it plateaued at 81-84% (issue
-3 is open: the target is 90%).
-
 Evaluation is closed-loop in the environment with the cached incremental decoder: success when
 any pretraining task counts (the model cannot see the task, so this is the right measure) and on
-the post-training task (expected near zero). The any-task episodes have the layouts of the data
-(a drawn task is doable: `envs.grid_pinpad`). The numbers above were measured on layouts where
-only some task had to be doable; the same three quick-preset bases (seeds 0 / 1 / 2, same keys)
-score 83.2 / 72.7 / 71.9% on the data's layouts against 78.9 / 68.8 / 68.8% there. On those
-layouts seed 0's wrong colours (60 of 512 episodes) are still mostly a wrong choice of the next
-subgoal: 44 come after a subgoal was completed and before the next was begun, 34 of them onto
-the first colour of X + 1, mostly 3 to 9 steps after completing X (the model had set off towards
-it), by a move the model gave a median probability of 0.50.
+the post-training task (expected near zero), sampling the actions and again greedily. The
+any-task episodes have the layouts of the data (a drawn task is doable: `envs.grid_pinpad`).
 
-What limits it (seed 0, quick preset, one run each, same evaluation keys): its loss is 0.090
-nats per step above the floor a task-blind model can reach (`hrl headroom`, 256 sequences:
-0.408 against 0.318; 0.118 above where the next subgoal is open, 0.061 where the next colour is
-set; seeds 1 and 2: 0.089 and 0.085). A bigger model does not narrow it and more updates do so
-slowly: with a ReLU layer of 512 units before the token embedding the training loss stayed within
-0.01 of the linear embedding's from 2000 to 6000 updates (stopped there); 6 blocks instead of 4
-ended 0.082 above the floor at 81.3% any-task (4 blocks: 83.2%); 24000 updates instead of 16000
-ended 0.077 above it at 84.4%. "posterior" labels (16000 updates, 1.6x the compute) ended 0.083
-above it at 85.2%: no better than spending that compute on more updates of "expert" labels, so
-the preset keeps those.
-
-The target is within reach of a task-blind model: the floor's predictor, sampled closed loop
-with its own moves taken as evidence (`hrl headroom`'s Bayes task-blind policy), completes 512
-of 512 any-task episodes. Every episode the base model loses is its excess over that predictor
-compounding over the episode's steps. Runs of the same seed spread widely: seed 0 pretrained
-again here with the current code (the same losses to every printed digit as the code of the
-83.2% base over the first 300 updates) scored 71.5% (62.5% on `hrl headroom`'s 256 episodes).
-
-Where it fails (`hrl headroom`, that re-run, 512 episodes): of 170 failures, 93 stepped right
-after a subgoal X onto a colour of X + 1 (A->B 55, C->D 31, D->A 4, B->C 3; seed 1's re-run: 23
-of 91, D->A 13), 43 ran out of time. Those choices are rare in the loss: the model pays for
-heading towards X + 1 only where no possible subgoal lies the same way. Weighing the steps
-between a finished subgoal and the next one's first colour 3x (`boundary_weight`; the same
-minimiser) took seed 0 to 80.1% (256 episodes of the stage's evaluation; 81.5% against 65.6% on
-1024 episodes of the same layouts), with X->X+1 failures down to 11 of 114 and most of the rest
-out of time (60) or onto a wrong colour inside a subgoal (30). Its excess over the floor did not
-fall (0.094 against 0.089 nats per step, the same 64 sequences): lower where the next subgoal is
-open (0.094 against 0.110), higher where the next colour is set (0.094 against 0.068). Seed 1 gained nothing
-on `hrl headroom`'s episodes (82.2% either way; 80.5% against 77.0% in the stage's evaluation):
-its X->X+1 failures fell from 23 to 9 of 91, its wrong colours inside a subgoal rose from 5 to 25.
-
-Out of time is then the commonest failure, and it is getting lost, not a dead end. In 512
-any-task episodes of a seed-0 base with `embed_moves` (84.0%), 51 ran out of time: in 45 some
-task consistent with the history still had its next colour within reach (median 8 moves) when
-the last colour was visited, 17 of them inside a subgoal, where the next colour is fixed. The
-last colour came at a median step of 11; the model then wandered over a median of 13 cells,
-stood still (walked into walls) on a third of its steps, and its policy's entropy averaged 1.04
-nats (uniform: 1.39). Giving the model the expert's shortest-path moves to every colour as
-input features (an encoder tried for one run) did not help: the loss fell faster for 1000
-updates, then stalled at 0.56 nats with 1% any-task success after 6000 updates (0.48 and 58%
-without them), as if the shortcut starved the slower learning of which colour comes next.
-
-Getting lost is covariate shift: the model wanders into states the expert's episodes never
-reach (a long gap since the last colour, walls bumped into), where nothing taught it the way
-back. `own_episodes` adds to every batch rows of the model's own closed-loop "any pretraining
-task" episodes, drawn with the current parameters inside the update, each step labelled with the
-"posterior" target (DAgger, Ross et al. 2011, the Bayes task-blind expert as the labeller; the
-likelihood of the model's moves is D's epsilon-noisy expert's, under which every move that does
-not end the episode has some probability). Fine-tuning the boundary-weighted bases (no own rows) of
-seeds 1 / 2 (any-task success 0.818 / 0.826 on 512 episodes of fixed layouts) for 2000 updates at
-a constant 2e-4, with 8 own rows next to 32 expert streams: 0.879 / 0.863 after 1000 updates,
-0.854 / 0.871 after 2000 (seed 1 with 16 own rows: 0.871 / 0.867); with 40 expert streams
-instead: 0.822 / 0.801 and 0.820 / 0.807. Out of time fell from 10% of the episodes to 5.5-8%.
-Pretrained from scratch with them (seed 1, the quick preset otherwise): 87.9% any-task in the
-stage's evaluation against 80.5% without; on the 512 fixed layouts 0.863 against 0.818 (greedy:
-0.934 against 0.861), out of time 6.6% of the episodes against 10.2%; on `hrl headroom`'s 512
-episodes 0.891 against 0.822, with 21 episodes out of time against 51, while its loss on the
-expert's episodes stays 0.103 nats per step above the floor, as without: what it learnt is the
-way back, not the expert's steps. They cost time: 100 updates took 16.4 s against about 11 for
-the expert rows alone on the same machine (fine-tuning: 15 against 11). The quick preset adds 8
-rows. Seed 2 from scratch: 91.4% against 82.4% in the stage's evaluation, 0.869 against 0.826
-on the 512 layouts (greedy: 0.922 against 0.859). Seed 0 from scratch: 88.3% against 80.1%,
-0.879 on the 512 layouts (greedy: 0.934). Sampling, 512 episodes, all three miss the 90% target
-(87.9 / 86.3 / 86.9%).
+Why the quick preset departs from the paper where it does (online data, expert labels, the recency
+prior, `boundary_weight`, `own_episodes`), with the runs that decided each, is in
+docs/gridworld_findings.md ("Pretraining").
 """
 
 from __future__ import annotations
