@@ -298,8 +298,7 @@ def run_steered_episode(model: Any, env: Env, env_params: Any, key: jax.Array, s
         obs, state, subgoal, cache, done, success, progress, length = carry
         key_act, key_env = jax.random.split(key)
         out, cache, _ = model.step(cache, obs, lambda e: steer(e, subgoal), layer)
-        dist = model.action_dist
-        action = dist.mode(out.action_params) if greedy else dist.sample(out.action_params, key_act)
+        action = rollout.choose_action(model.action_dist, out.action_params, key_act, greedy)
         obs, new_state, _, terminated, truncated, info = env.step(key_env, state, action, env_params)
         # Freeze the episode's results once it has ended; later steps are discarded.
         state = jax.tree.map(lambda old, new: jnp.where(done, old, new), state, new_state)

@@ -21,6 +21,11 @@ from envs.base import Env
 DECODINGS = (("", False), ("greedy_", True))
 
 
+def choose_action(action_dist: Any, action_params: jax.Array, key: jax.Array, greedy: bool) -> jax.Array:
+    """The most likely action if greedy, else one sampled."""
+    return action_dist.mode(action_params) if greedy else action_dist.sample(action_params, key)
+
+
 class Episode(NamedTuple):
     success: jax.Array  # bool
     progress: jax.Array  # colours correctly visited when the episode ended
@@ -42,8 +47,7 @@ def run_episode(
         obs, state, cache, done, success, progress, length = carry
         key_act, key_env = jax.random.split(key)
         out, cache, _ = model.step(cache, obs)
-        action_dist = model.action_dist
-        action = action_dist.mode(out.action_params) if greedy else action_dist.sample(out.action_params, key_act)
+        action = choose_action(model.action_dist, out.action_params, key_act, greedy)
         obs, new_state, _, terminated, truncated, info = env.step(key_env, state, action, env_params)
         watched = None if watch is None else watch(state, action, new_state)
         # Freeze the episode's results once it has ended; later steps are discarded.
