@@ -81,6 +81,21 @@ def test_counterfactual_labels_need_online_grid_data():
         load_config(ExperimentConfig, "ant/quick", ["controllers.counterfactual_weight=1", "controllers.data=online"])
 
 
+def test_each_controller_sets_learning_rate_decays_to_the_final_fraction():
+    cfg = controllers.ControllerConfig(learning_rate=1e-3, final_lr_fraction=0.1, weight_decay=0.0, num_updates=100)
+    params = {"u": jnp.ones((2, 3))}  # two controller sets, each optimised on its own
+    optimizer = controllers.make_optimizer(cfg)
+    state = optimizer.init(params)
+    sizes = []
+    for _ in range(100):
+        updates, state = optimizer.update({"u": jnp.ones((2, 3))}, state, params)  # Adam: steps of size ~lr
+        sizes.append(np.abs(updates["u"][:, 0]))
+    np.testing.assert_allclose(sizes[0], [1e-3, 1e-3], rtol=1e-2)
+    np.testing.assert_allclose(sizes[-1], [1e-4, 1e-4], rtol=5e-2)
+    with pytest.raises(ValueError, match="final_lr_fraction"):
+        controllers.ControllerConfig(final_lr_fraction=0.0).validate()
+
+
 def test_subgoal_starts_mark_each_episodes_first_step_and_every_change_of_subgoal():
     subgoals = jnp.array([[2, 2, 0, 0, 3, 3], [1, 1, 1, 1, 1, 1]])
     mask = jnp.array([[1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0]], bool)

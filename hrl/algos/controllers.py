@@ -61,6 +61,7 @@ class ControllerConfig:
     rank: int | None = 16  # U = A B^T of this rank; 0 or None: a full width x width U
     layers: tuple[int, ...] = ()  # the controlled layers of the sweep; empty: every layer 0..L
     learning_rate: float = 1e-3
+    final_lr_fraction: float = 1.0  # cosine decay to learning_rate x this over num_updates (1: constant)
     weight_decay: float = 0.03
     max_grad_norm: float = 1.0
     batch_size: int = 64  # episodes of D* per update
@@ -83,6 +84,7 @@ class ControllerConfig:
     def validate(self) -> None:
         for name in ("learning_rate", "max_grad_norm", "batch_size", "num_updates", "updates_per_chunk", "eval_episodes"):
             check(getattr(self, name) > 0, name, "must be > 0", getattr(self, name))
+        check(0 < self.final_lr_fraction <= 1, "final_lr_fraction", "must be in (0, 1]", self.final_lr_fraction)
         check(self.weight_decay >= 0, "weight_decay", "must be >= 0", self.weight_decay)
         check(self.rank is None or self.rank >= 0, "rank", "must be >= 0 (0: full matrix)", self.rank)
         check(len(set(self.layers)) == len(self.layers) and all(layer >= 0 for layer in self.layers), "layers",
@@ -130,7 +132,8 @@ class LinearControllers(nnx.Module):
 
 
 def make_optimizer(cfg: ControllerConfig) -> optax.GradientTransformation:
-    return independent_along_leading_axis(adamw(cfg.learning_rate, cfg.weight_decay, cfg.max_grad_norm))
+    learning_rate = optax.cosine_decay_schedule(cfg.learning_rate, cfg.num_updates, cfg.final_lr_fraction)
+    return independent_along_leading_axis(adamw(learning_rate, cfg.weight_decay, cfg.max_grad_norm))
 
 
 def init(key: jax.Array, cfg: ControllerConfig, base: Transformer, num_sets: int, num_subgoals: int) -> TrainState:
