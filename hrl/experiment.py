@@ -111,6 +111,9 @@ class ExperimentConfig:
         check(self.pretrain.own_episodes == 0 or grid_only, "pretrain.own_episodes",
               f"must be 0 on {env.name}: their labels are gridworld-pinpad's task posterior",
               self.pretrain.own_episodes)
+        check(self.controllers.own_episodes == 0 or grid_only, "controllers.own_episodes",
+              f"must be 0 on {env.name}: their labeller, D*'s expert, acts on the ant's privileged state",
+              self.controllers.own_episodes)
         check(self.controllers.counterfactual_weight == 0 or grid_only, "controllers.counterfactual_weight",
               f"must be 0 on {env.name}: its labels are gridworld-pinpad's shortest paths to each subgoal",
               self.controllers.counterfactual_weight)
@@ -478,7 +481,8 @@ def run_controllers(config: ExperimentConfig, runs_dir: str | Path, overwrite: b
     result = run_training(
         run,
         controllers.init(init_key, cfg, base, len(layers), env.num_subgoals),
-        controllers.make_train_chunk(cfg, base, layers, controller_episodes(config, runs_dir, env, oracle), mesh),
+        controllers.make_train_chunk(cfg, base, layers, controller_episodes(config, runs_dir, env, oracle), mesh,
+                                     controller_own_episodes(config, runs_dir, env, base, layers, oracle)),
         cfg.num_chunks,
         steps_per_chunk=cfg.updates_per_chunk,
         loop=config.loop,
@@ -536,6 +540,17 @@ def controller_episodes(config: ExperimentConfig, runs_dir: str | Path, env: env
         return controllers.online_episodes(env, tasks, clean_expert(config, runs_dir, env), cfg.batch_size, labeller)
     dataset = expert.load_dataset(run_collect(config, runs_dir).path / EXPERT_DATA_CLEAN)
     return controllers.dataset_episodes(dataset, cfg.batch_size)
+
+
+def controller_own_episodes(config: ExperimentConfig, runs_dir: str | Path, env: envs.Env, base, layers: tuple[int, ...],
+                            oracle: bool = False) -> Callable | None:
+    """The sampler of the steered model's own episodes (`controllers.own_episodes`; grid only, as
+    the config checks) on the tasks the controllers learn, labelled by D*'s expert, or None."""
+    cfg = config.controllers
+    if cfg.own_episodes == 0:
+        return None
+    tasks = env.posttrain_params() if oracle else env.pretrain_params()
+    return controllers.own_steered_episodes(env, tasks, clean_expert(config, runs_dir, env), cfg.own_episodes, base, layers)
 
 
 DISCOVERY_ANALYSIS = "analysis.npz"  # held-out beta, NLL and KL per alpha and step, for the figures

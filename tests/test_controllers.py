@@ -74,6 +74,51 @@ def test_counterfactual_controllers_learn_the_moves_to_every_next_subgoal(base):
     jax.tree.map(np.testing.assert_array_equal, host_copy(nnx.state(base)), before)
 
 
+def test_own_episodes_are_the_steered_models_labelled_at_their_states_and_train_only_through_them(base):
+    from envs import grid_pinpad
+    from envs.experts import make_expert
+
+    before = host_copy(nnx.state(base))
+    layers = (0, 1)
+    # A labeller that reads the state (the agent's cell and the ground-truth subgoal) shows each
+    # label sits in the row of that state's observation and subgoal.
+    read_state = lambda key, state, params: (state.agent, ENV.subgoal(state, params))
+    sample_own = controllers.own_steered_episodes(ENV, ENV.pretrain_params(), read_state, 8, base, layers)
+    fresh = controllers.init(jax.random.key(2), controllers.ControllerConfig(), base, len(layers), NUM_SUBGOALS)
+    own = jax.device_get(jax.jit(sample_own)(jax.random.key(99), fresh.module()))
+    labelled_cell, labelled_subgoal = own.actions
+    assert own.obs.shape[:3] == labelled_cell.shape == own.subgoals.shape == (2, 8, ENV.max_steps)
+    lengths = own.mask.sum(-1)
+    assert (lengths >= 1).all() and (lengths > 1).any()
+    np.testing.assert_array_equal(own.mask, np.arange(ENV.max_steps) < lengths[..., None])  # each a prefix
+    observed_cell = own.obs.reshape(*own.obs.shape[:3], -1, grid_pinpad.NUM_CHANNELS)[..., -1].argmax(-1)
+    np.testing.assert_array_equal(labelled_cell[own.mask], observed_cell[own.mask])
+    np.testing.assert_array_equal(labelled_subgoal[own.mask], own.subgoals[own.mask])
+    assert ((own.subgoals >= 0) & (own.subgoals < NUM_SUBGOALS))[own.mask].all()
+
+    # With D*'s rows masked out, the own episodes (labelled by the clean expert) alone move the
+    # controllers; without them nothing does.
+    expert = make_expert(ENV, 0.0)
+    dstar = controllers.online_episodes(ENV, ENV.pretrain_params(), expert, 8)
+    no_dstar = lambda key: dstar(key)._replace(mask=jnp.zeros((8, ENV.max_steps), bool))
+    cfg = controllers.ControllerConfig(learning_rate=3e-2, weight_decay=0.0, batch_size=8, num_updates=20,
+                                       updates_per_chunk=20, data="online", own_episodes=8)
+    untrained = controllers.init(jax.random.key(2), cfg, base, len(layers), NUM_SUBGOALS)
+    sample_own = controllers.own_steered_episodes(ENV, ENV.pretrain_params(), expert, 8, base, layers)
+    trained, metrics = controllers.make_train_chunk(cfg, base, layers, no_dstar, sample_own=sample_own)(untrained)
+    unchanged, metrics_without = controllers.make_train_chunk(cfg, base, layers, no_dstar)(untrained)
+    assert all(not np.array_equal(after, start) for after, start in
+               zip(jax.tree.leaves(trained.params["b"]), jax.tree.leaves(untrained.params["b"])))
+    jax.tree.map(np.testing.assert_array_equal, unchanged.params, untrained.params)
+    for layer in layers:
+        assert float(metrics[f"action_nll/layer_{layer}"]) == 0.0  # no D* step counted
+        assert 0 < float(metrics[f"own_action_nll/layer_{layer}"]) < np.log(4) + 0.1
+        assert f"own_action_nll/layer_{layer}" not in metrics_without
+    jax.tree.map(np.testing.assert_array_equal, host_copy(nnx.state(base)), before)
+    with pytest.raises(ConfigError, match="controllers.own_episodes"):  # the ant: refused before any work
+        load_config(ExperimentConfig, "ant/quick", ["controllers.own_episodes=2"])
+
+
 def test_counterfactual_labels_need_online_grid_data():
     with pytest.raises(ValueError, match="counterfactual_weight"):
         controllers.ControllerConfig(counterfactual_weight=1.0, data="dataset").validate()

@@ -18,11 +18,12 @@ post-training task is made of, at the same short length.
 One controller set per controlled layer; all sets of the sweep train side by side in one update
 (the base's lower blocks run once for all of them), each with its own optimiser state.
 
-`counterfactual_weight` (not the paper's method) adds, at D*'s steps between two subgoals, the
-clean expert's move towards every other subgoal's first colour as a target of that subgoal's
-controller (`counterfactual_nll`). D* never shows a subgoal starting where the pretraining tasks
-rule it out (B right after A); these targets do, on D*'s own states, without any episode of the
-post-training task.
+`own_episodes` (not the paper's method) adds the steered model's own episodes, labelled by D*'s
+expert (`own_steered_episodes`). `counterfactual_weight` (not the paper's method either) adds,
+at D*'s steps between two subgoals, the clean expert's move towards every other subgoal's first
+colour as a target of that subgoal's controller (`counterfactual_nll`). D* never shows a
+subgoal starting where the pretraining tasks rule it out (B right after A); these targets do, on
+D*'s own states, without any episode of the post-training task.
 """
 
 from __future__ import annotations
@@ -80,6 +81,11 @@ class ControllerConfig:
     # never have (A -> B after A). Same states and expert as D*, no post-training episode. 0: the
     # paper's controllers.
     counterfactual_weight: float = 0.0
+    # DECIDE (not in the paper; gridworld): per controller set, rows of the steered base model's own
+    # closed-loop episodes on D*'s tasks in every update, each step labelled with the clean expert's
+    # move from the state reached (DAgger, Ross et al. 2011, as `pretrain.own_episodes` for the
+    # base): the states the steered model strays into, with the way back. 0: none (the paper).
+    own_episodes: int = 0
 
     def validate(self) -> None:
         for name in ("learning_rate", "max_grad_norm", "batch_size", "num_updates", "updates_per_chunk", "eval_episodes"):
@@ -92,6 +98,7 @@ class ControllerConfig:
         check(self.num_updates % self.updates_per_chunk == 0, "num_updates",
               f"must be a multiple of updates_per_chunk ({self.updates_per_chunk})", self.num_updates)
         check(self.data in ("online", "dataset"), "data", "must be 'online' or 'dataset'", self.data)
+        check(self.own_episodes >= 0, "own_episodes", "must be >= 0", self.own_episodes)
         check(self.counterfactual_weight >= 0, "counterfactual_weight", "must be >= 0", self.counterfactual_weight)
         check(self.counterfactual_weight == 0 or self.data == "online", "counterfactual_weight",
               "needs data=online (a dataset keeps no states to label)", self.counterfactual_weight)
@@ -192,6 +199,37 @@ def online_episodes(env: Env, env_params: Any, expert: Callable, batch_size: int
     return sample
 
 
+def own_steered_episodes(env: Env, env_params: Any, expert: Callable, num_episodes: int, base: Transformer,
+                         layers: tuple[int, ...]) -> Callable[[jax.Array, LinearControllers], Episodes]:
+    """`sample(key, controllers)`: for every controller set, `num_episodes` closed-loop episodes of
+    the base model steered by that set as it is evaluated (the current subgoal's controller,
+    sampled actions), each step labelled with `expert`'s move from the state reached and with its
+    ground-truth subgoal: Episodes of shape [set, B, T] (`own_episodes`)."""
+
+    def record(state, action, next_state):
+        return state
+
+    def labelled(key, state):
+        return env.observe(state, env_params), expert(key, state, env_params)
+
+    def one_set(key, index, layer, controllers):
+        rollout_key, label_key = jax.random.split(key)
+        steer = functools.partial(controllers.steer, index)
+        episodes = jax.vmap(lambda k: run_steered_episode(base, env, env_params, k, steer, layer, watch=record))(
+            jax.random.split(rollout_key, num_episodes))
+        label_keys = jax.random.split(label_key, (num_episodes, env.max_steps))
+        obs, moves = jax.vmap(jax.vmap(labelled))(label_keys, episodes.watched)
+        mask = jnp.arange(env.max_steps) < episodes.length[:, None]
+        return Episodes(obs, moves, episodes.subgoals, mask)
+
+    def sample(key: jax.Array, controllers: LinearControllers) -> Episodes:
+        keys = jax.random.split(key, len(layers))
+        sets = [one_set(k, index, layer, controllers) for index, (k, layer) in enumerate(zip(keys, layers))]
+        return jax.tree.map(lambda *leaves: jnp.stack(leaves), *sets)
+
+    return sample
+
+
 def subgoal_starts(subgoals: jax.Array, mask: jax.Array) -> jax.Array:
     """[B, T] bool: the valid steps where a new subgoal begins (an episode's first step included).
     There the base model, which cannot see the task, must guess which subgoal comes next, and a
@@ -222,15 +260,25 @@ def counterfactual_nll(base: Transformer, controllers: LinearControllers, index:
 
 
 def make_train_chunk(cfg: ControllerConfig, base: Transformer, layers: tuple[int, ...], sample_episodes: Sampler,
-                     mesh: Mesh | None = None) -> Callable[[TrainState], tuple[TrainState, dict]]:
+                     mesh: Mesh | None = None, sample_own: Callable | None = None
+                     ) -> Callable[[TrainState], tuple[TrainState, dict]]:
     """A jitted `train_chunk(state) -> (state, metrics)` of `cfg.updates_per_chunk` updates on
     batches from `sample_episodes`: `action_nll/layer_l`, `subgoal_start_nll/layer_l` and
     `action_accuracy/layer_l` per controlled layer (with `counterfactual_weight`, also
     `counterfactual_nll/layer_l`), and the unsteered base model's `base_action_nll` and
-    `base_subgoal_start_nll` on the same batches."""
+    `base_subgoal_start_nll` on the same batches. With `sample_own` (`own_steered_episodes`,
+    `own_episodes` > 0), each set's loss adds its NLL on its own episodes (`own_action_nll/layer_l`)."""
     optimizer = make_optimizer(cfg)
 
-    def loss_fn(params, graphdef, residuals, batch: Episodes):
+    def own_nll(controllers, own: Episodes | None, own_residuals: list[jax.Array]) -> jax.Array:
+        if own is None:
+            return jnp.zeros(len(layers))
+        return jnp.stack([
+            masked_mean(base.action_dist.nll(base.upper(controllers.steer(index, residual, own.subgoals[index]), layer)
+                                             .action_params, own.actions[index]), own.mask[index])
+            for index, (layer, residual) in enumerate(zip(layers, own_residuals))])
+
+    def loss_fn(params, graphdef, residuals, batch: Episodes, own: Episodes | None, own_residuals: list[jax.Array]):
         controllers = nnx.merge(graphdef, params)
         all_logits = steered_action_logits(base, controllers, layers, residuals, batch.subgoals)
         step_nll = [base.action_dist.nll(logits, batch.actions) for logits in all_logits]
@@ -244,15 +292,21 @@ def make_train_chunk(cfg: ControllerConfig, base: Transformer, layers: tuple[int
         else:
             counterfactual = jnp.stack([counterfactual_nll(base, controllers, index, layer, residuals[layer], batch)
                                         for index, layer in enumerate(layers)])
+        own = own_nll(controllers, own, own_residuals)
         # The sets share no parameter: each gets its own gradient.
-        return jnp.sum(nll + cfg.counterfactual_weight * counterfactual), (nll, start_nll, accuracy, counterfactual)
+        total = nll + cfg.counterfactual_weight * counterfactual + own
+        return jnp.sum(total), (nll, start_nll, accuracy, counterfactual, own)
 
     def update(state: TrainState, _):
         key, batch_key = jax.random.split(state.key)
         batch = shard_batch(sample_episodes(batch_key), mesh)
         unsteered = base(batch.obs)  # outside the differentiated function: the base is frozen
+        # fold_in: the draws without own episodes stay those of the code before them
+        own = None if sample_own is None else sample_own(jax.random.fold_in(batch_key, 1), state.module())
+        own_residuals = [] if own is None else [base(own.obs[index]).residuals[layer]
+                                                for index, layer in enumerate(layers)]
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (_, terms), grads = grad_fn(state.params, state.graphdef, unsteered.residuals, batch)
+        (_, terms), grads = grad_fn(state.params, state.graphdef, unsteered.residuals, batch, own, own_residuals)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         base_step_nll = base.action_dist.nll(unsteered.action_params, batch.actions)
@@ -262,7 +316,7 @@ def make_train_chunk(cfg: ControllerConfig, base: Transformer, layers: tuple[int
 
     @jax.jit
     def train_chunk(state: TrainState):
-        state, ((nll, start_nll, accuracy, counterfactual), (base_nll, base_start_nll)) = jax.lax.scan(
+        state, ((nll, start_nll, accuracy, counterfactual, own), (base_nll, base_start_nll)) = jax.lax.scan(
             update, state, length=cfg.updates_per_chunk)
         metrics = {"base_action_nll": base_nll.mean(), "base_subgoal_start_nll": base_start_nll.mean()}
         for index, layer in enumerate(layers):
@@ -271,6 +325,8 @@ def make_train_chunk(cfg: ControllerConfig, base: Transformer, layers: tuple[int
             metrics[f"{base.action_dist.fit_metric}/layer_{layer}"] = accuracy[:, index].mean()
             if cfg.counterfactual_weight > 0:
                 metrics[f"counterfactual_nll/layer_{layer}"] = counterfactual[:, index].mean()
+            if sample_own is not None:
+                metrics[f"own_action_nll/layer_{layer}"] = own[:, index].mean()
         return state, metrics
 
     return train_chunk
@@ -282,10 +338,12 @@ class SteeredEpisode(NamedTuple):
     length: jax.Array  # steps taken
     actions: jax.Array  # [max_steps]; entries after the end are discarded steps
     subgoals: jax.Array  # [max_steps] the subgoal whose controller steered each step
+    watched: Any = None  # per step, what `run_steered_episode`'s `watch` recorded (None without one)
 
 
 def run_steered_episode(model: Any, env: Env, env_params: Any, key: jax.Array, steer: Steer, layer: int,
-                        greedy: bool = False) -> SteeredEpisode:
+                        greedy: bool = False, watch: Callable[[Any, jax.Array, Any], Any] | None = None
+                        ) -> SteeredEpisode:
     """One closed-loop episode, decoded incrementally, actions sampled from the steered model (the
     most likely one if greedy).
 
@@ -293,6 +351,7 @@ def run_steered_episode(model: Any, env: Env, env_params: Any, key: jax.Array, s
     `env.subgoal` after the reset for the first step, then `info["subgoal"]` of the previous
     step, so the controller switches right after the step that completes a subgoal. The keys are
     used as in `rollout.run_episode`: with zero controllers the episode is the base model's.
+    `watch` records as in `rollout.run_episode`.
     """
     key_reset, key_steps = jax.random.split(key)
     obs, state = env.reset(key_reset, env_params)
@@ -303,19 +362,20 @@ def run_steered_episode(model: Any, env: Env, env_params: Any, key: jax.Array, s
         out, cache, _ = model.step(cache, obs, lambda e: steer(e, subgoal), layer)
         action = rollout.choose_action(model.action_dist, out.action_params, key_act, greedy)
         obs, new_state, _, terminated, truncated, info = env.step(key_env, state, action, env_params)
+        watched = None if watch is None else watch(state, action, new_state)
         # Freeze the episode's results once it has ended; later steps are discarded.
         state = jax.tree.map(lambda old, new: jnp.where(done, old, new), state, new_state)
         success = success | (~done & info["success"])
         progress = jnp.where(done, progress, info["progress"])
         length = length + (~done).astype(jnp.int32)
         carry = (obs, state, info["subgoal"], cache, done | terminated | truncated, success, progress, length)
-        return carry, (action, subgoal)
+        return carry, (action, subgoal, watched)
 
     init = (obs, state, env.subgoal(state, env_params), model.init_cache(), jnp.bool_(False), jnp.bool_(False),
             jnp.int32(0), jnp.int32(0))
-    (*_, success, progress, length), (actions, subgoals) = jax.lax.scan(
+    (*_, success, progress, length), (actions, subgoals, watched) = jax.lax.scan(
         step, init, jax.random.split(key_steps, env.max_steps))
-    return SteeredEpisode(success, progress, length, actions, subgoals)
+    return SteeredEpisode(success, progress, length, actions, subgoals, watched)
 
 
 def chained_success_and_progress(base: Transformer, env: Env, params: Any, keys: jax.Array, steer: Steer,
