@@ -535,9 +535,9 @@ def controller_episodes(config: ExperimentConfig, runs_dir: str | Path, env: env
     oracle, always fresh episodes of that expert on the post-training task."""
     cfg = config.controllers
     if oracle or cfg.data == "online":
-        tasks = env.posttrain_params() if oracle else env.pretrain_params()
         labeller = make_subgoal_start_labeller(env) if cfg.counterfactual_weight > 0 else None
-        return controllers.online_episodes(env, tasks, clean_expert(config, runs_dir, env), cfg.batch_size, labeller)
+        return controllers.online_episodes(env, controller_tasks(env, oracle), clean_expert(config, runs_dir, env),
+                                           cfg.batch_size, labeller)
     dataset = expert.load_dataset(run_collect(config, runs_dir).path / EXPERT_DATA_CLEAN)
     return controllers.dataset_episodes(dataset, cfg.batch_size)
 
@@ -549,8 +549,13 @@ def controller_own_episodes(config: ExperimentConfig, runs_dir: str | Path, env:
     cfg = config.controllers
     if cfg.own_episodes == 0:
         return None
-    tasks = env.posttrain_params() if oracle else env.pretrain_params()
-    return controllers.own_steered_episodes(env, tasks, clean_expert(config, runs_dir, env), cfg.own_episodes, base, layers)
+    return controllers.own_steered_episodes(env, controller_tasks(env, oracle), clean_expert(config, runs_dir, env),
+                                            cfg.own_episodes, base, layers)
+
+
+def controller_tasks(env: envs.Env, oracle: bool) -> Any:
+    """The tasks the supervised controllers learn: D*'s (pretraining), or the post-training task's for the oracle."""
+    return env.posttrain_params() if oracle else env.pretrain_params()
 
 
 DISCOVERY_ANALYSIS = "analysis.npz"  # held-out beta, NLL and KL per alpha and step, for the figures

@@ -303,8 +303,7 @@ def make_train_chunk(cfg: ControllerConfig, base: Transformer, layers: tuple[int
         unsteered = base(batch.obs)  # outside the differentiated function: the base is frozen
         # fold_in: the draws without own episodes stay those of the code before them
         own = None if sample_own is None else sample_own(jax.random.fold_in(batch_key, 1), state.module())
-        own_residuals = [] if own is None else [base(own.obs[index]).residuals[layer]
-                                                for index, layer in enumerate(layers)]
+        own_residuals = [] if own is None else [base.lower(own.obs[index], layer) for index, layer in enumerate(layers)]
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (_, terms), grads = grad_fn(state.params, state.graphdef, unsteered.residuals, batch, own, own_residuals)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
