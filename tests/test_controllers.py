@@ -177,7 +177,7 @@ def test_fresh_controllers_give_the_base_models_closed_loop_episodes(base):
     fresh = controllers.init(jax.random.key(4), controllers.ControllerConfig(), base, 2, NUM_SUBGOALS).module()
     posttrain, keys = ENV.posttrain_params(), jax.random.split(jax.random.key(5), 8)
     steer = functools.partial(fresh.steer, 1)
-    steered = jax.jit(jax.vmap(lambda k: controllers.run_steered_episode(base, ENV, posttrain, k, steer, 1)))(keys)
+    steered = jax.jit(jax.vmap(lambda k: rollout.run_episode(base, ENV, posttrain, k, steer=steer, layer=1)))(keys)
     unsteered = jax.jit(jax.vmap(lambda k: rollout.run_episode(base, ENV, posttrain, k)))(keys)
     for field in ("success", "progress", "length"):
         np.testing.assert_array_equal(getattr(steered, field), getattr(unsteered, field))
@@ -198,7 +198,7 @@ class ScheduledSubgoalEnv:
         return SCHEDULE[t]
 
     def step(self, key, t, action, params):
-        info = {"success": jnp.bool_(False), "progress": jnp.int32(0), "subgoal": SCHEDULE[t + 1]}
+        info = {"success": jnp.bool_(False), "progress": jnp.int32(0)}
         return jnp.zeros(1), t + 1, 0.0, jnp.bool_(False), t + 1 >= self.max_steps, info
 
 
@@ -217,11 +217,11 @@ def test_the_steered_episode_applies_the_controller_of_the_current_subgoal():
     steering = controllers.LinearControllers(1, NUM_SUBGOALS, 4, rank=0, rngs=nnx.Rngs(0))
     goals = jnp.arange(NUM_SUBGOALS)
     steering.u[...] = jnp.zeros((1, 4, 4, 4)).at[0, goals, goals, 0].set(1.0)  # U_g e raises entry g
-    episode = controllers.run_steered_episode(
-        ActsOnRaisedEntry(), ScheduledSubgoalEnv(), None, jax.random.key(0), functools.partial(steering.steer, 0), 0
+    episode = rollout.run_episode(
+        ActsOnRaisedEntry(), ScheduledSubgoalEnv(), None, jax.random.key(0), steer=functools.partial(steering.steer, 0),
+        layer=0, watch=lambda t, action, next_t: action,
     )
-    np.testing.assert_array_equal(episode.subgoals, SCHEDULE[:8])  # the first from the reset state
-    np.testing.assert_array_equal(episode.actions, SCHEDULE[:8])  # each step steered by its subgoal's U_g
+    np.testing.assert_array_equal(episode.watched, SCHEDULE[:8])  # each step steered by its subgoal's U_g
     assert int(episode.length) == 8
 
 
@@ -280,7 +280,7 @@ def test_transition_evaluation_is_each_pairs_chained_episodes(base):
     metrics = jax.device_get(controllers.make_evaluate_transitions(cfg, base, (1,), ENV, key)(state))
     steer = functools.partial(state.module().steer, 0)
     run = jax.jit(lambda params, keys: jax.vmap(
-        lambda k: controllers.run_steered_episode(base, ENV, params, k, steer, 1))(keys))
+        lambda k: rollout.run_episode(base, ENV, params, k, steer=steer, layer=1))(keys))
     pairs, _ = controllers.transition_pairs(ENV)
     for index, pair in enumerate(pairs):
         episodes = run(ENV.subgoal_task_params(pair), jax.random.split(key, cfg.eval_episodes))

@@ -50,7 +50,6 @@ from hrl.infra.train_state import TrainState, adamw, independent_along_leading_a
 from hrl.models import rollout
 from hrl.models.transformer import Transformer
 
-Steer = Callable[[jax.Array, jax.Array], jax.Array]  # (e, subgoal) -> steered e
 
 
 @dataclasses.dataclass
@@ -210,17 +209,17 @@ def own_steered_episodes(env: Env, env_params: Any, expert: Callable, num_episod
         return state
 
     def labelled(key, state):
-        return env.observe(state, env_params), expert(key, state, env_params)
+        return env.observe(state, env_params), expert(key, state, env_params), env.subgoal(state, env_params)
 
     def one_set(key, index, layer, controllers):
         rollout_key, label_key = jax.random.split(key)
         steer = functools.partial(controllers.steer, index)
-        episodes = jax.vmap(lambda k: run_steered_episode(base, env, env_params, k, steer, layer, watch=record))(
-            jax.random.split(rollout_key, num_episodes))
+        episodes = jax.vmap(lambda k: rollout.run_episode(
+            base, env, env_params, k, watch=record, steer=steer, layer=layer))(jax.random.split(rollout_key, num_episodes))
         label_keys = jax.random.split(label_key, (num_episodes, env.max_steps))
-        obs, moves = jax.vmap(jax.vmap(labelled))(label_keys, episodes.watched)
+        obs, moves, subgoals = jax.vmap(jax.vmap(labelled))(label_keys, episodes.watched)
         mask = jnp.arange(env.max_steps) < episodes.length[:, None]
-        return Episodes(obs, moves, episodes.subgoals, mask)
+        return Episodes(obs, moves, subgoals, mask)
 
     def sample(key: jax.Array, controllers: LinearControllers) -> Episodes:
         keys = jax.random.split(key, len(layers))
@@ -331,56 +330,11 @@ def make_train_chunk(cfg: ControllerConfig, base: Transformer, layers: tuple[int
     return train_chunk
 
 
-class SteeredEpisode(NamedTuple):
-    success: jax.Array  # bool
-    progress: jax.Array  # colours correctly visited when the episode ended
-    length: jax.Array  # steps taken
-    actions: jax.Array  # [max_steps]; entries after the end are discarded steps
-    subgoals: jax.Array  # [max_steps] the subgoal whose controller steered each step
-    watched: Any = None  # per step, what `run_steered_episode`'s `watch` recorded (None without one)
-
-
-def run_steered_episode(model: Any, env: Env, env_params: Any, key: jax.Array, steer: Steer, layer: int,
-                        greedy: bool = False, watch: Callable[[Any, jax.Array, Any], Any] | None = None
-                        ) -> SteeredEpisode:
-    """One closed-loop episode, decoded incrementally, actions sampled from the steered model (the
-    most likely one if greedy).
-
-    Step t is steered by `steer(e_layer, g_t)` where g_t is the current ground-truth subgoal:
-    `env.subgoal` after the reset for the first step, then `info["subgoal"]` of the previous
-    step, so the controller switches right after the step that completes a subgoal. The keys are
-    used as in `rollout.run_episode`: with zero controllers the episode is the base model's.
-    `watch` records as in `rollout.run_episode`.
-    """
-    key_reset, key_steps = jax.random.split(key)
-    obs, state = env.reset(key_reset, env_params)
-
-    def step(carry, key):
-        obs, state, subgoal, cache, done, success, progress, length = carry
-        key_act, key_env = jax.random.split(key)
-        out, cache, _ = model.step(cache, obs, lambda e: steer(e, subgoal), layer)
-        action = rollout.choose_action(model.action_dist, out.action_params, key_act, greedy)
-        obs, new_state, _, terminated, truncated, info = env.step(key_env, state, action, env_params)
-        watched = None if watch is None else watch(state, action, new_state)
-        # Freeze the episode's results once it has ended; later steps are discarded.
-        state = jax.tree.map(lambda old, new: jnp.where(done, old, new), state, new_state)
-        success = success | (~done & info["success"])
-        progress = jnp.where(done, progress, info["progress"])
-        length = length + (~done).astype(jnp.int32)
-        carry = (obs, state, info["subgoal"], cache, done | terminated | truncated, success, progress, length)
-        return carry, (action, subgoal, watched)
-
-    init = (obs, state, env.subgoal(state, env_params), model.init_cache(), jnp.bool_(False), jnp.bool_(False),
-            jnp.int32(0), jnp.int32(0))
-    (*_, success, progress, length), (actions, subgoals, watched) = jax.lax.scan(
-        step, init, jax.random.split(key_steps, env.max_steps))
-    return SteeredEpisode(success, progress, length, actions, subgoals, watched)
-
-
-def chained_success_and_progress(base: Transformer, env: Env, params: Any, keys: jax.Array, steer: Steer,
+def chained_success_and_progress(base: Transformer, env: Env, params: Any, keys: jax.Array, steer: rollout.Steer,
                                  layer: int, greedy: bool = False) -> tuple[jax.Array, jax.Array]:
-    """Success rate and mean progress of `run_steered_episode` over one episode per key."""
-    episodes = jax.vmap(lambda k: run_steered_episode(base, env, params, k, steer, layer, greedy))(keys)
+    """Success rate and mean progress of the steered episodes (`rollout.run_episode`), one per key."""
+    episodes = jax.vmap(lambda k: rollout.run_episode(base, env, params, k, greedy=greedy, steer=steer, layer=layer))(
+        keys)
     return jnp.mean(episodes.success), jnp.mean(episodes.progress)
 
 

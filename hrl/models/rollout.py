@@ -33,20 +33,29 @@ class Episode(NamedTuple):
     watched: Any = None  # per step, what `run_episode`'s `watch` recorded (None without one)
 
 
+# steer(e_layer, subgoal) -> the steered e_layer: the controller of the ground-truth subgoal.
+Steer = Callable[[jax.Array, jax.Array], jax.Array]
+
+
 def run_episode(
     model: Any, env: Env, env_params: Any, key: jax.Array, *, greedy: bool = False,
-    watch: Callable[[Any, jax.Array, Any], Any] | None = None,
+    watch: Callable[[Any, jax.Array, Any], Any] | None = None, steer: Steer | None = None, layer: int | None = None,
 ) -> Episode:
-    """One episode of the unsteered model, sampling its actions (the most likely one if greedy).
+    """One episode of the model, sampling its actions (the most likely one if greedy).
+
     `watch(state, action, next_state)`, if given, is recorded at every step of the scan: the steps
-    from `length` on come after the episode's end, and what they record means nothing."""
+    from `length` on come after the episode's end, and what they record means nothing.
+    With `steer`, each step's residual at `layer` becomes `steer(e_layer, env.subgoal(state))`:
+    the controller switches right after the step that completes a subgoal. The keys are used alike
+    either way, so zero controllers give the unsteered model's episode."""
     key_reset, key_steps = jax.random.split(key)
     obs, state = env.reset(key_reset, env_params)
 
     def step(carry, key):
         obs, state, cache, done, success, progress, length = carry
         key_act, key_env = jax.random.split(key)
-        out, cache, _ = model.step(cache, obs)
+        intervention = None if steer is None else (lambda e: steer(e, env.subgoal(state, env_params)))
+        out, cache, _ = model.step(cache, obs, intervention, layer)
         action = choose_action(model.action_dist, out.action_params, key_act, greedy)
         obs, new_state, _, terminated, truncated, info = env.step(key_env, state, action, env_params)
         watched = None if watch is None else watch(state, action, new_state)
