@@ -51,7 +51,6 @@ from hrl.models import rollout
 from hrl.models.transformer import Transformer
 
 
-
 @dataclasses.dataclass
 class ControllerConfig:
     """Paper: rank-16 U in the grid (a full U for the ant); Fig. 4 sweeps the controlled layer, and
