@@ -149,11 +149,17 @@ def init(key: jax.Array, cfg: ControllerConfig, base: Transformer, num_sets: int
 
 
 
+def steered_logits(base: Transformer, controllers: LinearControllers, index: int, layer: int, residual: jax.Array,
+                   subgoals: jax.Array) -> jax.Array:
+    """The base model's action logits with set `index` steering `residual`, the unsteered e_layer."""
+    return base.upper(controllers.steer(index, residual, subgoals), layer).action_params
+
+
 def steered_action_logits(base: Transformer, controllers: LinearControllers, layers: tuple[int, ...],
                           residuals: jax.Array, subgoals: jax.Array) -> list[jax.Array]:
     """The base model's action logits with set i steering layer layers[i], for every i, given the
     unsteered residuals [L + 1, B, T, width] (the blocks below a controlled layer are unchanged)."""
-    return [base.upper(controllers.steer(index, residuals[layer], subgoals), layer).action_params
+    return [steered_logits(base, controllers, index, layer, residuals[layer], subgoals)
             for index, layer in enumerate(layers)]
 
 
@@ -272,8 +278,9 @@ def make_train_chunk(cfg: ControllerConfig, base: Transformer, layers: tuple[int
         if own is None:
             return jnp.zeros(len(layers))
         return jnp.stack([
-            masked_mean(base.action_dist.nll(base.upper(controllers.steer(index, residual, own.subgoals[index]), layer)
-                                             .action_params, own.actions[index]), own.mask[index])
+            masked_mean(base.action_dist.nll(
+                steered_logits(base, controllers, index, layer, residual, own.subgoals[index]), own.actions[index]),
+                own.mask[index])
             for index, (layer, residual) in enumerate(zip(layers, own_residuals))])
 
     def loss_fn(params, graphdef, residuals, batch: Episodes, own: Episodes | None, own_residuals: list[jax.Array]):
