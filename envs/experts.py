@@ -195,6 +195,14 @@ def make_task_blind_labelled_expert(env, epsilon: float = 0.0):
     raise ValueError(f"no expert for environment {env.name!r}")
 
 
+def make_expert_distribution(env):
+    """`(state, params) -> [4]` the clean expert's distribution over moves (`expert_probabilities`)
+    of a registered environment (the targets of discovery with `labels=expert`)."""
+    if env.name == "GridPinpad-v0":
+        return expert_probabilities
+    raise ValueError(f"no expert distribution for environment {env.name!r}")
+
+
 def make_subgoal_start_labeller(env):
     """`(state, params) -> SubgoalStartLabels` of a registered environment (the labels of the
     supervised controllers' `counterfactual_weight`, see hrl.algos.controllers)."""

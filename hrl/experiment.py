@@ -22,8 +22,8 @@ from flax import nnx
 
 import envs
 from envs.base import Discrete
-from envs.experts import (make_expert, make_labelled_expert, make_subgoal_start_labeller,
-                          make_task_blind_labelled_expert)
+from envs.experts import (make_expert, make_expert_distribution, make_labelled_expert,
+                          make_subgoal_start_labeller, make_task_blind_labelled_expert)
 
 from hrl.algos import bc, controllers, crl, discovery, grpo, internal_rl, ppo, pretrain, probe
 from hrl.algos.bc import BCConfig
@@ -575,7 +575,8 @@ def run_discovery(config: ExperimentConfig, runs_dir: str | Path, overwrite: boo
         # One sampler serves every seed of the vmapped program, but each seed has its own PPO expert.
         raise ConfigError(f"discovery.data: 'online' trains one seed at a time for {env.name} (each seed has "
                           "its own PPO expert); use 'dataset' or run the seeds one by one")
-    online = (discovery.online_episodes(env, env.pretrain_params(), clean_expert(config, runs_dir, env), cfg.batch_size)
+    online = (discovery.online_episodes(env, env.pretrain_params(), clean_expert(config, runs_dir, env), cfg.batch_size,
+                                        make_expert_distribution(env) if cfg.labels == "expert" else None)
               if cfg.data == "online" else None)
     splits = {seed: probe.split_episodes(expert.load_dataset(run_collect(with_seed(config, seed), runs_dir).path
                                                              / EXPERT_DATA_CLEAN), cfg.heldout_fraction)

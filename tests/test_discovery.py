@@ -2,12 +2,16 @@
 variant trains both, the switching statistics are right on hand-made episodes, and the stage
 runs through the CLI and makes its figures."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from envs.experts import expert_probabilities, make_expert
+from envs.grid_pinpad import GridPinpad
 from hrl import cli
 from hrl.algos import discovery
 from hrl.algos.probe import split_episodes
@@ -60,6 +64,33 @@ def test_alpha_is_free_during_the_kl_delay_and_charged_after_it(clean_data, base
     # The logged loss is NLL + scale x alpha x KL, averaged over the chunk's updates.
     assert delayed["loss/alpha_0.5"] == pytest.approx(delayed["action_nll/alpha_0.5"])
     assert charged["loss/alpha_0.5"] > charged["action_nll/alpha_0.5"] + 0.1 * charged["kl/alpha_0.5"]
+
+
+def test_expert_labels_are_the_clean_experts_distribution_over_the_same_episodes():
+    env = GridPinpad(solvable_only=False, horizon=30)
+    params, expert = env.pretrain_params(), make_expert(env, 0.0)
+    key = jax.random.key(3)
+    obs, actions, mask = discovery.online_episodes(env, params, expert, 4)(key)
+    labelled_obs, labels, labelled_mask = discovery.online_episodes(env, params, expert, 4, expert_probabilities)(key)
+    np.testing.assert_array_equal(labelled_obs, obs)
+    np.testing.assert_array_equal(labelled_mask, mask)
+    assert labels.shape == (*mask.shape, 4)
+    np.testing.assert_allclose(np.asarray(labels.sum(-1))[np.asarray(mask)], 1.0, rtol=1e-6)
+    taken = np.take_along_axis(np.asarray(labels), np.asarray(actions)[..., None], -1)[..., 0]
+    assert (taken[np.asarray(mask)] > 0).all()  # the move taken is one the distribution allows
+    assert (np.asarray(labels)[np.asarray(mask)].max(-1) < 1).any()  # ties between shortest paths
+
+
+def test_discovery_trains_on_expert_labels_with_per_step_summaries_and_gate_noise(base):
+    env = GridPinpad(solvable_only=False, horizon=40)
+    meta = dataclasses.replace(META, summary_per_step=True, switch_noise=1.0)
+    cfg = discovery.DiscoveryConfig(alphas=(0.1,), learning_rate=1e-2, batch_size=8, num_updates=40,
+                                    updates_per_chunk=20, labels="expert")
+    episodes = discovery.online_episodes(env, env.pretrain_params(), make_expert(env, 0.0), cfg.batch_size,
+                                         expert_probabilities)
+    state = discovery.init(jax.random.key(0), cfg, meta, "frozen", base)
+    _, history = train(state, discovery.make_train_chunk(cfg, meta, base, 1, episodes), cfg.num_chunks)
+    assert history[-1]["loss/alpha_0.1"] < history[0]["loss/alpha_0.1"]
 
 
 def test_cotraining_trains_a_fresh_base_model_per_alpha(clean_data, base):

@@ -1,5 +1,7 @@
 """The metacontroller's recurrence, gate, KL and decoder, on random inputs."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,8 +15,8 @@ CFG = MetacontrollerConfig(latent_size=3, history_size=5, summary_size=4, encode
                            decoder_hidden=8, rank=2)
 
 
-def make(seed=0, **kwargs):
-    return Metacontroller(CFG, WIDTH, rngs=nnx.Rngs(params=seed), **kwargs)
+def make(seed=0, cfg=CFG, **kwargs):
+    return Metacontroller(cfg, WIDTH, rngs=nnx.Rngs(params=seed), **kwargs)
 
 
 def episode(seed=1, length=6):
@@ -23,14 +25,16 @@ def episode(seed=1, length=6):
     return e, jnp.arange(STEPS) < length, jax.random.normal(noise_key, (STEPS, CFG.latent_size))
 
 
-def test_the_episode_scan_equals_a_step_by_step_reference():
-    meta = make()
+@pytest.mark.parametrize("summary_per_step", [False, True])
+def test_the_episode_scan_equals_a_step_by_step_reference(summary_per_step):
+    meta = make(cfg=dataclasses.replace(CFG, summary_per_step=summary_per_step))
     e, mask, noise = episode()
     sequence = meta(e, mask, noise)
     summary = meta.summarize(e, mask)
+    assert summary.shape == ((STEPS, CFG.summary_size) if summary_per_step else (CFG.summary_size,))
     carry = meta.init_carry()
     for t in range(STEPS):
-        mean, log_var = meta.propose(e[t], carry.history, summary)
+        mean, log_var = meta.propose(e[t], carry.history, summary[t] if summary_per_step else summary)
         carry, z, beta = meta.step(carry, e[t], mean + jnp.exp(0.5 * log_var) * noise[t])
         np.testing.assert_allclose(sequence.mean[t], mean, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(sequence.log_var[t], log_var, rtol=1e-5, atol=1e-6)
@@ -48,13 +52,27 @@ def test_with_beta_one_the_integrated_latent_is_the_proposal():
     np.testing.assert_array_equal(sequence.z, sequence.mean + jnp.exp(0.5 * sequence.log_var) * noise)
 
 
-def test_the_summary_ignores_padding_and_sees_the_whole_episode():
+def test_gate_noise_shifts_the_gates_logit():
     meta = make()
+    e, mask, noise = episode()
+    sequence = meta(e, mask, noise)
+    logit = jnp.log(sequence.beta) - jnp.log1p(-sequence.beta)
+    shifted = meta(e, mask, noise, gate_noise=jnp.full(STEPS, 1.5))
+    # At t = 0 the gate's inputs are the same (z_0 = 0); later z, and so the gate, differ.
+    np.testing.assert_allclose(jnp.log(shifted.beta[0]) - jnp.log1p(-shifted.beta[0]), logit[0] + 1.5, rtol=1e-4)
+    open_gate = meta(e, mask, noise, gate_noise=jnp.full(STEPS, 50.0))  # beta = 1: z is each step's proposal
+    np.testing.assert_allclose(open_gate.z, open_gate.mean + jnp.exp(0.5 * open_gate.log_var) * noise, rtol=1e-5)
+
+
+@pytest.mark.parametrize("summary_per_step", [False, True])
+def test_the_summary_ignores_padding_and_sees_the_whole_episode(summary_per_step):
+    meta = make(cfg=dataclasses.replace(CFG, summary_per_step=summary_per_step))
     e, mask, _ = episode(length=6)
     changed_padding = e.at[7].set(100.0)
-    np.testing.assert_array_equal(meta.summarize(e, mask), meta.summarize(changed_padding, mask))
-    changed_last_step = e.at[5].add(1.0)  # non-causal: a late step changes the summary
-    assert not np.allclose(meta.summarize(e, mask), meta.summarize(changed_last_step, mask))
+    summary = meta.summarize(e, mask)
+    np.testing.assert_array_equal(summary[:6], meta.summarize(changed_padding, mask)[:6])
+    changed_last_step = meta.summarize(e.at[5].add(1.0), mask)  # non-causal: a late step changes the summary
+    assert not np.allclose(summary[:1], changed_last_step[:1])  # (per step: already the first step's)
 
 
 def test_kl_matches_the_closed_form_and_a_monte_carlo_estimate():

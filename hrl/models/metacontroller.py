@@ -57,12 +57,22 @@ class MetacontrollerConfig:
     # the proposals are pure noise until the encoder has learnt to shrink them, and the gate
     # learns to shut them out first.
     initial_log_variance: float = -3.0
+    # DECIDE (not in the paper): the scale of logistic noise added to the gate's logit in training
+    # (discovery only; evaluation and the later phases use the noise-free gate). A gate value
+    # between 0 and 1 then lets a random share of each proposal through, so information passes
+    # reliably only where the gate is firmly shut or open: it pushes beta towards 0 or 1.
+    switch_noise: float = 0.0
+    # DECIDE (the paper's read-out of its non-causal embedder is not given): False, one summary of
+    # the whole episode from the two directions' final states; True, one per step from the two
+    # directions' states at that step, so the proposal at t sees most readily what comes next.
+    summary_per_step: bool = False
 
     def validate(self) -> None:
         for name in ("latent_size", "history_size", "summary_size", "encoder_hidden", "switch_hidden",
                      "decoder_hidden"):
             check(getattr(self, name) >= 1, name, "must be >= 1", getattr(self, name))
         check(self.rank is None or self.rank >= 0, "rank", "must be >= 0 (0: full matrix)", self.rank)
+        check(self.switch_noise >= 0, "switch_noise", "must be >= 0", self.switch_noise)
 
 
 class Sequence(NamedTuple):
@@ -123,17 +133,21 @@ class Metacontroller(nnx.Module):
     # --- the pieces
 
     def summarize(self, e: jax.Array, mask: jax.Array) -> jax.Array:
-        """e [T, width], mask [T] -> s [summary]: a bidirectional GRU over the episode's steps."""
+        """e [T, width], mask [T] -> s: a bidirectional GRU over the episode's steps, read out from
+        its two final states (s [summary]) or, with `summary_per_step`, at every step from the
+        forward state after e_1..e_t and the backward state after e_T..e_t (s [T, summary])."""
 
         def run(cell, inputs, valid):
             def step(h, x):
                 new, _ = cell(h, x[0])
-                return jnp.where(x[1], new, h), None
-            final, _ = jax.lax.scan(step, jnp.zeros(cell.hidden_features), (inputs, valid))
-            return final
+                h = jnp.where(x[1], new, h)
+                return h, h
+            return jax.lax.scan(step, jnp.zeros(cell.hidden_features), (inputs, valid))
 
-        forward = run(self.summary_forward, e, mask)
-        backward = run(self.summary_backward, e[::-1], mask[::-1])  # padding comes first: h stays 0
+        forward, forward_states = run(self.summary_forward, e, mask)
+        backward, backward_states = run(self.summary_backward, e[::-1], mask[::-1])  # padding comes first: h stays 0
+        if self.cfg.summary_per_step:
+            return self.summary_readout(jnp.concatenate([forward_states, backward_states[::-1]], axis=-1))
         return self.summary_readout(jnp.concatenate([forward, backward]))
 
     def propose(self, e: jax.Array, history: jax.Array, summary: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -142,10 +156,11 @@ class Metacontroller(nnx.Module):
         mean, log_var = jnp.split(self.encoder(jnp.concatenate([e, history, summary], -1)), 2, axis=-1)
         return mean, log_var
 
-    def gate(self, e: jax.Array, history: jax.Array, z_previous: jax.Array) -> jax.Array:
+    def gate(self, e: jax.Array, history: jax.Array, z_previous: jax.Array, noise: jax.Array | float = 0.0) -> jax.Array:
+        """beta_t; `noise` is added to its logit (`switch_noise`)."""
         if self.always_switch:
             return jnp.ones(e.shape[:-1])
-        return jax.nn.sigmoid(self.switch(jnp.concatenate([e, history, z_previous], -1))[..., 0])
+        return jax.nn.sigmoid(self.switch(jnp.concatenate([e, history, z_previous], -1))[..., 0] + noise)
 
     def decoder_weights(self, layer: nnx.Linear, inner: int) -> jax.Array:
         """A decoder output layer as [hidden + 1, width, inner] (its bias as the last row): the
@@ -195,21 +210,23 @@ class Metacontroller(nnx.Module):
 
     # --- a whole episode, and one step
 
-    def __call__(self, e: jax.Array, mask: jax.Array, noise: jax.Array) -> Sequence:
+    def __call__(self, e: jax.Array, mask: jax.Array, noise: jax.Array, gate_noise: jax.Array | None = None) -> Sequence:
         """e [T, width] (unsteered residuals at the controlled layer), mask [T] (the steps that
-        happened), noise [T, latent] (standard normal; zeros: the proposal means). vmap for batches."""
+        happened), noise [T, latent] (standard normal; zeros: the proposal means), gate_noise [T]
+        (added to the gate's logits; None: none). vmap for batches."""
         _, histories = jax.lax.scan(lambda h, x: (self.history(h, x)[0],) * 2, jnp.zeros(self.cfg.history_size), e)
         previous_history = jnp.concatenate([jnp.zeros((1, self.cfg.history_size)), histories[:-1]])
         mean, log_var = self.propose(e, previous_history, self.summarize(e, mask))
         proposal = mean + jnp.exp(0.5 * log_var) * noise
 
         def integrate(z_previous, inputs):
-            e_t, h_t, proposal_t = inputs
-            beta = self.gate(e_t, h_t, z_previous)
+            e_t, h_t, proposal_t, gate_noise_t = inputs
+            beta = self.gate(e_t, h_t, z_previous, gate_noise_t)
             z = beta * proposal_t + (1.0 - beta) * z_previous
             return z, (z, beta)
 
-        _, (z, beta) = jax.lax.scan(integrate, jnp.zeros(self.cfg.latent_size), (e, previous_history, proposal))
+        gate_noise = jnp.zeros(e.shape[:1]) if gate_noise is None else gate_noise
+        _, (z, beta) = jax.lax.scan(integrate, jnp.zeros(self.cfg.latent_size), (e, previous_history, proposal, gate_noise))
         return Sequence(z, beta, mean, log_var)
 
     def init_carry(self) -> Carry:
