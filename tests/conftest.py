@@ -55,7 +55,7 @@ TINY_BASE = [
     "controllers.batch_size=8", "controllers.num_updates=4", "controllers.updates_per_chunk=2",
     "controllers.eval_episodes=4",
     "discovery.alphas=[0.0,1.0]", "discovery.batch_size=8", "discovery.num_updates=4",
-    "discovery.updates_per_chunk=2",
+    "discovery.updates_per_chunk=2", "discovery.kl_delay_updates=0", "internal_rl.alpha=0.0",
     "internal_rl.policy_width=16", "internal_rl.batch_size=8", "internal_rl.num_updates=2",
     "internal_rl.updates_per_chunk=1", "internal_rl.eval_episodes=4",
     "grpo.batch_size=8", "grpo.num_updates=2", "grpo.updates_per_chunk=1", "grpo.eval_episodes=4",
