@@ -9,10 +9,14 @@ expert data D* by
 The KL is paid at every step, not weighted by beta_t, and nothing regularises beta: switching
 costs information only when the new proposal is used, so the gate learns to switch where the
 base model needs new information (paper: at subgoal boundaries). Proposal noise is sampled
-(reparameterised) in training; evaluation uses the proposal means. Two departures, both DECIDE
-and off in the paper preset except the first: episodes can be fresh clean-expert episodes
-generated in the update (`data: online`) instead of a fixed D*, and alpha can stay 0 for a while
-(`kl_delay_updates`) and then ramp up from 0 (`kl_warmup_updates`).
+(reparameterised) in training; evaluation uses the proposal means. Departures, all DECIDE and
+off in the paper preset except the first: episodes can be fresh clean-expert episodes generated
+in the update (`data: online`) instead of a fixed D*; alpha can stay 0 for a while
+(`kl_delay_updates`) and then ramp up from 0 (`kl_warmup_updates`); the NLL's target can be the
+clean expert's distribution instead of the action taken (`labels: expert`). With the
+metacontroller's per-step summaries and gate noise (`hrl.models.metacontroller`), the target is
+what made the gate switch at the subgoal boundaries in the quick preset
+(docs/gridworld_findings.md, "Discovery").
 
 Variants (`variant`):
 - "frozen": the base model is frozen, closed over as a constant (its parameters are not in the
