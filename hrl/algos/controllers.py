@@ -148,7 +148,6 @@ def init(key: jax.Array, cfg: ControllerConfig, base: Transformer, num_sets: int
     return TrainState.create(controllers, make_optimizer(cfg), train_key)
 
 
-
 def steered_logits(base: Transformer, controllers: LinearControllers, index: int, layer: int, residual: jax.Array,
                    subgoals: jax.Array) -> jax.Array:
     """The base model's action logits with set `index` steering `residual`, the unsteered e_layer."""

@@ -168,7 +168,8 @@ def run_learner(learner: Learner, frozen_base: Transformer | None, layer: int, o
     e = base.lower(obs, layer) if lower is None else lower
     sequence = jax.vmap(learner.metacontroller)(e, mask, noise, gate_noise)
     logits = base.upper(learner.metacontroller.steer(e, sequence.z), layer).action_params
-    # Discrete actions [B, T] are the taken ones; [B, T, A] the expert's distributions (`labels`).
+    # [B, T]: the taken discrete actions; [B, T, A]: the head's targets
+    # (the expert's distributions of `labels: expert`, or continuous actions, whose target_nll is nll).
     nll = (base.action_dist.nll if actions.ndim == mask.ndim else base.action_dist.target_nll)(logits, actions)
     kl = gaussian_kl(sequence.mean, sequence.log_var)
     return {"nll": nll, "kl": kl, "beta": sequence.beta, "action_nll": masked_mean(nll, mask),
@@ -242,8 +243,8 @@ def make_train_chunk(cfg: DiscoveryConfig, meta_cfg: MetacontrollerConfig, froze
         # The frozen base's lower blocks: once for every alpha, outside the differentiated function.
         lower = frozen_base.lower(batch_obs, layer) if frozen_base is not None else None
         noise = shard_batch(jax.random.normal(noise_key, (*batch_mask.shape, meta_cfg.latent_size)), mesh)
-        gate_noise = shard_batch(meta_cfg.switch_noise * jax.random.logistic(
-            jax.random.fold_in(noise_key, 1), batch_mask.shape), mesh)
+        gate_noise = (shard_batch(meta_cfg.switch_noise * jax.random.logistic(
+            jax.random.fold_in(noise_key, 1), batch_mask.shape), mesh) if meta_cfg.switch_noise else None)
         updates_done = optax.tree_utils.tree_get(state.opt_state, "count")[0]
         grad_fn = jax.vmap(jax.value_and_grad(loss_fn, has_aux=True), in_axes=(0, None, 0) + (None,) * 6)
         (loss, (nll, kl, beta)), grads = grad_fn(state.params, state.graphdef, kl_scale(cfg, updates_done) * alphas, lower,

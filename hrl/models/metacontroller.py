@@ -62,7 +62,7 @@ class MetacontrollerConfig:
     # between 0 and 1 then lets a random share of each proposal through, so information passes
     # reliably only where the gate is firmly shut or open: it pushes beta towards 0 or 1. Quick
     # preset, seed 0, alpha 0.3: 16% of beta in (0.1, 0.9) with noise 1 against 56% without; with
-    # noise 2 the gate stayed open at every step (docs/gridworld_findings.md, "Discovery").
+    # noise 2 the gate stayed open at every step at alpha 0.3 (docs/gridworld_findings.md, "Discovery").
     switch_noise: float = 0.0
     # DECIDE (the paper's read-out of its non-causal embedder is not given): False, one summary of
     # the whole episode from the two directions' final states; True, one per step from the two
